@@ -1,1 +1,44 @@
-"""sources"""
+"""Sources of guest-physical memory: live QEMU RAM files, raw and ELF images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vmishell.errors import SourceError
+from vmishell.sources.base import PhysicalSource, PhysRange, Registers, Segment
+from vmishell.sources.memory import BufferSource
+
+__all__ = [
+    "BufferSource",
+    "PhysRange",
+    "PhysicalSource",
+    "Registers",
+    "Segment",
+    "open_image",
+]
+
+
+def open_image(path: str | os.PathLike[str]) -> PhysicalSource:
+    """Open a memory image, choosing the format from its first bytes."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise SourceError(f"no such image: {p}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot open {p}: {exc.strerror}") from None
+    if magic == b"\x7fELF":
+        from vmishell.sources.elfcore import ElfCoreSource
+
+        return ElfCoreSource(p)
+    if magic == b"EMiL":
+        try:
+            from vmishell.sources.lime import LimeSource  # type: ignore[import-not-found]
+        except ImportError:
+            raise SourceError(f"{p} is a LiME image, which this version cannot read") from None
+        return LimeSource(p)
+    from vmishell.sources.files import RawImageSource
+
+    return RawImageSource(p)

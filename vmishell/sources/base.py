@@ -179,7 +179,7 @@ class PhysicalSource(ABC):
                     i = data.find(needle, i + 1)
                 pos += chunk
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release files and sockets."""
 
     def __enter__(self) -> PhysicalSource:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from vmishell.errors import PhysicalReadError, SourceError
@@ -30,7 +31,7 @@ class BufferSource(PhysicalSource):
             (Segment(start, memoryview(buf).cast("B")) for start, buf in segments if len(buf)),
             key=lambda s: s.start,
         )
-        for a, b in zip(segs, segs[1:], strict=False):
+        for a, b in itertools.pairwise(segs):
             if a.end > b.start:
                 raise SourceError(f"overlapping RAM segments at {b.start:#x}")
         self._segments = segs
