@@ -1,0 +1,173 @@
+"""Shared fixtures: real lab guests booted once per test session.
+
+Each guest boots at most once per session (under a session-unique instance
+name, so parallel sessions and a developer's own guests do not collide) and
+is stopped at the end. Guests that the collected tests need are started
+concurrently on first use, which keeps the whole lab suite near one boot time.
+
+A guest that cannot be built or booted (no QEMU, no route to the Debian
+archive) skips the tests that need it, with the reason, except under CI=true,
+where that is a failure: CI must prove the features on real guests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+
+from vmishell.errors import VmiError
+
+#: Fixture name -> guest name, for the per-guest convenience fixtures.
+GUEST_FIXTURES = {
+    "x86_64_guest": "x86_64",
+    "la57_guest": "x86_64-la57",
+    "i386_pae_guest": "i386-pae",
+    "i386_guest": "i386",
+}
+
+_NEEDED = pytest.StashKey[set[str]]()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def lab_unavailable(reason: str) -> None:
+    """Skip (developer machine) or fail (CI) a test whose lab guest is unavailable."""
+    if in_ci():
+        pytest.fail(f"lab guest unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(f"lab guest unavailable: {reason}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "lab: needs real QEMU lab guests (fails under CI=true when they cannot boot)"
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests count
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Remember which guests the selected tests use, to boot them together."""
+    needed: set[str] = set()
+    for item in items:
+        for fixture, guest in GUEST_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                needed.add(guest)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and isinstance(callspec.params.get("guest_name"), str):
+            needed.add(callspec.params["guest_name"])
+    config.stash[_NEEDED] = needed
+
+
+class LabPool:
+    """Boots guests on demand (concurrently) and stops them all at the end."""
+
+    def __init__(self, prefix: str, needed: set[str]) -> None:
+        self.prefix = prefix
+        self._needed = needed
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lab-up")
+
+    def instance_name(self, guest: str) -> str:
+        return f"{self.prefix}-{guest}"
+
+    def _boot(self, guest: str):  # -> RunningGuest
+        from vmishell.lab.runner import up
+
+        return up(guest, self.instance_name(guest), timeout=240)
+
+    def _start(self, guest: str) -> Future:
+        with self._lock:
+            if guest not in self._futures:
+                self._futures[guest] = self._executor.submit(self._boot, guest)
+            return self._futures[guest]
+
+    def get(self, guest: str):  # -> RunningGuest
+        """The running instance of `guest`, booting it (and its siblings) if needed."""
+        from vmishell.lab.guests import get_guest
+
+        try:
+            get_guest(guest)
+        except VmiError as exc:
+            pytest.fail(str(exc))
+        # Build every needed image first (serially: builds share apt state), then boot
+        # all of them at once: under TCG each boot is CPU-bound for ~10 s.
+        self._prebuild({guest} | self._needed)
+        for other in sorted(self._needed | {guest}):
+            self._start(other)
+        try:
+            return self._futures[guest].result()
+        except VmiError as exc:
+            lab_unavailable(f"{guest}: {exc}")
+            raise AssertionError("unreachable") from exc
+
+    def _prebuild(self, guests: set[str]) -> None:
+        from vmishell.lab.build import build_guest
+
+        for guest in sorted(guests):
+            if guest in self._futures:
+                continue
+            # A failure here is reported by the boot of that guest, with the same error.
+            with contextlib.suppress(VmiError):
+                build_guest(guest)
+
+    def close(self) -> None:
+        from vmishell.lab.runner import down
+
+        self._executor.shutdown(wait=True)
+        for future in self._futures.values():
+            if future.exception() is None:
+                with contextlib.suppress(VmiError):
+                    down(future.result().name)
+
+
+def _clean_stale_test_instances() -> None:
+    """Remove instances of earlier test sessions whose QEMU died (e.g. a killed run)."""
+    try:
+        from vmishell.lab.runner import down, list_guests
+
+        for st in list_guests():
+            if st.name.startswith("t-") and st.state == "stale":
+                down(st.name)
+    except VmiError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def lab_pool(request: pytest.FixtureRequest) -> Iterator[LabPool]:
+    _clean_stale_test_instances()
+    pool = LabPool(f"t-{os.getpid()}", request.config.stash.get(_NEEDED, set()))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def lab_guest(lab_pool: LabPool) -> Callable[[str], object]:
+    """Factory: `lab_guest("x86_64")` -> the session's RunningGuest of that guest."""
+    return lab_pool.get
+
+
+@pytest.fixture(scope="session")
+def x86_64_guest(lab_guest):
+    return lab_guest("x86_64")
+
+
+@pytest.fixture(scope="session")
+def la57_guest(lab_guest):
+    return lab_guest("x86_64-la57")
+
+
+@pytest.fixture(scope="session")
+def i386_pae_guest(lab_guest):
+    return lab_guest("i386-pae")
+
+
+@pytest.fixture(scope="session")
+def i386_guest(lab_guest):
+    return lab_guest("i386")

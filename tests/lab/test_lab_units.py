@@ -1,0 +1,302 @@
+"""The lab's pure parts, without QEMU: truth parsing, initramfs, .deb reading, argv, registers."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from vmishell.errors import LabError, QmpError
+from vmishell.lab import deb, initramfs
+from vmishell.lab.apt import PrivateApt, deb_filename
+from vmishell.lab.bootscript import render_init, template
+from vmishell.lab.guests import GUESTS, PLANNED_GUESTS, check_accel, get_guest
+from vmishell.lab.instances import check_name
+from vmishell.lab.qemucmd import LaunchFiles, kernel_cmdline, qemu_command
+from vmishell.lab.truth import MapLine, parse_truth
+from vmishell.lab.workload import layout
+from vmishell.sources.qmp import parse_x86_registers
+
+DATA = Path(__file__).parent / "data"
+
+
+# -- truth ------------------------------------------------------------------------------
+
+
+def test_parse_truth_i386_log() -> None:
+    truth = parse_truth((DATA / "serial-i386.log").read_text())
+    assert truth.release == "6.1.0-50-686" and truth.machine == "i686"
+    assert truth.marker_va == 0x0804A000 and truth.counter_va == 0x0804A040
+    assert truth.marker_paddr == 0xFEDB000 and truth.counter_paddr == 0xFEDB040
+    assert truth.pagemap[0x0804A000].present and truth.pagemap[0x0804A000].pfn == 0xFEDB
+    assert not truth.pagemap[truth.pagemap_labels["vdso"]].present
+    assert len(truth.maps) == 6 and truth.maps[0].path == "/bin/vmi-marker"
+    assert truth.maps[2].path == ""
+    assert len(truth.processes) == 49
+    assert [t.comm for t in truth.threads_of(truth.marker_pid)] == ["vmi-marker", "vmi-thread"]
+    assert truth.task(2).kernel_thread and not truth.task(1).kernel_thread
+    assert truth.kernel_code is not None and truth.kernel_code[0] < truth.kernel_code[1]
+    assert truth.symbols["_text"] == truth.symbols["_stext"]
+    assert truth.to_json()["marker_paddr"] == 0xFEDB000
+
+
+def test_parse_truth_survives_kernel_noise_and_crlf() -> None:
+    text = (DATA / "serial-x86_64.log").read_text().replace("\r\n", "\n")
+    lines = text.splitlines()
+    noisy = [
+        "[    3.141592] random: crng init done",
+        *lines[:5],
+        "[    4.000000] a kernel message @@vmi-lookalike without a space",
+        *(("[ 5.0] clk: " + x if x.startswith("@@vmi map") else x) for x in lines[5:]),
+    ]
+    truth = parse_truth("\r\n".join(noisy))
+    assert truth.release.endswith("-amd64") and len(truth.maps) == 6
+
+
+def test_parse_truth_detects_lost_lines() -> None:
+    text = (DATA / "serial-i386.log").read_text()
+    damaged = re.sub(r"@@vmi task 2 .*\n", "", text, count=1)
+    with pytest.raises(LabError, match="49 tasks lines but 48"):
+        parse_truth(damaged)
+    with pytest.raises(LabError, match="ready"):
+        parse_truth(text.split("@@vmi ready")[0])
+
+
+def test_map_line_parse() -> None:
+    m = MapLine.parse("7fff534fe000-7fff53500000 r-xp 00000000 00:00 0    [vdso]")
+    assert (m.start, m.end, m.perms, m.path) == (0x7FFF534FE000, 0x7FFF53500000, "r-xp", "[vdso]")
+    assert 0x7FFF534FE000 in m and 0x7FFF53500000 not in m
+
+
+# -- /init ----------------------------------------------------------------------------
+
+
+def test_init_renders_and_is_valid_shell() -> None:
+    for arch in ("x86_64", "i386"):
+        script = render_init(layout(arch))
+        assert "{{" not in script and f"{layout(arch).marker_va:#x}" in script
+        sh = shutil.which("busybox") or shutil.which("dash") or shutil.which("sh")
+        if sh:
+            args = [sh, "sh", "-n"] if sh.endswith("busybox") else [sh, "-n"]
+            subprocess.run(args, input=script, text=True, check=True)
+
+
+BUILTINS = {
+    "for",
+    "do",
+    "done",
+    "while",
+    "case",
+    "esac",
+    "[",
+    "read",
+    "set",
+    "printf",
+    "vmi",
+    "break",
+}
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _drop_arithmetic(line: str) -> str:
+    """Replace each $((...)) by 0, counting parentheses (expansions nest them)."""
+    out, i = [], 0
+    while (start := line.find("$((", i)) >= 0:
+        out.append(line[i:start] + "0")
+        depth, j = 0, start + 1
+        while j < len(line):
+            depth += {"(": 1, ")": -1}.get(line[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        i = j
+    return "".join(out) + line[i:]
+
+
+def test_task_walk_spawns_no_process() -> None:
+    """After the ground truth starts listing tasks, /init uses shell builtins only."""
+    text = template()
+    section = text.split("# --- every task", 1)[1].split("vmi ready", 1)[0]
+    assert "$(" not in section.replace("$((", "") and "|" not in section.replace("||", "")
+    for line in section.splitlines()[1:]:
+        words = _drop_arithmetic(line).strip().split()
+        if not words or words[0].startswith("#") or words[0] == "0":  # comment, continuation
+            continue
+        if words[0].endswith(")") or _ASSIGNMENT.match(words[0]):  # case label, assignment
+            words = [w for w in words[1:] if not _ASSIGNMENT.match(w)] or [";;"]
+        command = words[0].rstrip(";")
+        assert command in BUILTINS | {""}, f"non-builtin in the task walk: {line.strip()!r}"
+
+
+# -- initramfs ------------------------------------------------------------------------
+
+
+def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
+    out, pos = {}, 0
+    while True:
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name_at = pos + 110
+        name = data[name_at : name_at + namesize - 1].decode()
+        pos = (name_at + namesize + 3) & ~3
+        body = data[pos : pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, body)
+
+
+def test_initramfs_layout_and_concatenation() -> None:
+    base = initramfs.base_archive(busybox=b"BB", init="#!/bin/sh\n", workload=b"\x7fELF")
+    files = _read_newc(gzip.decompress(base))
+    assert files["init"] == (0o100755, b"#!/bin/sh\n")
+    assert files["bin/busybox"][1] == b"BB" and files["bin/vmi-marker"][1] == b"\x7fELF"
+    assert files["bin/sh"] == (0o120777, b"busybox")
+    assert files["dev/console"][0] == 0o020600
+    assert len(base) % 4 == 0
+    assert base == initramfs.base_archive(busybox=b"BB", init="#!/bin/sh\n", workload=b"\x7fELF")
+    extra = initramfs.scenario_archive(b"echo hi\n")
+    both = gzip.decompress(base + extra)  # what the kernel sees: two archives in a row
+    assert both.count(b"TRAILER!!!") == 2
+    with pytest.raises(ValueError, match="duplicate"):
+        cpio = initramfs.Cpio()
+        cpio.add_dir("bin")
+        cpio.add_dir("/bin")
+
+
+# -- .deb -----------------------------------------------------------------------------------
+
+
+def _make_deb(path: Path, files: dict[str, bytes], control: str) -> None:
+    def tar_xz(entries: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+            for name, data in entries.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    members = [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", tar_xz({"./control": control.encode()})),
+        ("data.tar.xz", tar_xz(files)),
+    ]
+    out = bytearray(b"!<arch>\n")
+    for name, data in members:
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{644:<8}{len(data):<10}`\n".encode()
+        out += data + (b"\n" if len(data) % 2 else b"")
+    path.write_bytes(bytes(out))
+
+
+def test_deb_extract_and_control(tmp_path: Path) -> None:
+    pkg = tmp_path / "k.deb"
+    _make_deb(
+        pkg,
+        {"./boot/vmlinuz-6.1.0-9-amd64": b"KERNEL", "./lib/modules/x.ko": b"M" * 1001},
+        "Package: linux-image-6.1.0-9-amd64\nVersion: 6.1.1-1\nDescription: a\n more\n",
+    )
+    found = deb.extract(pkg, lambda n: n.startswith("boot/vmlinuz-"), stop_when=bool)
+    assert found == {"boot/vmlinuz-6.1.0-9-amd64": b"KERNEL"}
+    fields = deb.control_fields(pkg)
+    assert fields["Package"] == "linux-image-6.1.0-9-amd64" and fields["Version"] == "6.1.1-1"
+    assert fields["Description"] == "a\nmore"
+    (tmp_path / "bad.deb").write_bytes(b"not an archive")
+    with pytest.raises(LabError, match="not a Debian package"):
+        deb.control_fields(tmp_path / "bad.deb")
+
+
+def test_private_apt_options_leave_system_state_alone(tmp_path: Path) -> None:
+    apt = PrivateApt("i386", tmp_path / "apt")
+    opts = apt.options()
+    assert "APT::Architecture=i386" in opts and "APT::Architectures=i386" in opts
+    assert f"Dir::State::Lists={tmp_path / 'apt' / 'lists'}" in opts
+    assert f"Dir::Cache={tmp_path / 'apt' / 'cache'}" in opts
+    assert deb_filename("busybox-static", "1:1.35.0-4", "i386") == (
+        "busybox-static_1%3a1.35.0-4_i386.deb"
+    )
+
+
+# -- catalogue and QEMU argv -----------------------------------------------------------------
+
+
+def test_catalogue() -> None:
+    assert list(GUESTS) == ["x86_64", "x86_64-la57", "i386-pae", "i386"]
+    assert GUESTS["x86_64-la57"].image_name == "x86_64" and "+la57" in GUESTS["x86_64-la57"].cpu
+    assert GUESTS["i386"].kernel_package == "linux-image-686"
+    assert PLANNED_GUESTS["aarch64"].phys_offset == 0x40000000
+    with pytest.raises(LabError, match="planned"):
+        get_guest("aarch64")
+    with pytest.raises(LabError, match="unknown lab guest"):
+        get_guest("sparc")
+    with pytest.raises(LabError, match="accelerator"):
+        check_accel("hvf")
+    with pytest.raises(LabError, match="invalid instance name"):
+        check_name("../etc")
+
+
+def test_qemu_command(tmp_path: Path) -> None:
+    spec = GUESTS["x86_64-la57"]
+    files = LaunchFiles(run_dir=tmp_path / "run,x", ram_path=Path("/dev/shm/vmishell-a.ram"))
+    cmd = qemu_command(
+        spec,
+        qemu="/usr/bin/qemu-system-x86_64",
+        files=files,
+        kernel=tmp_path / "vmlinuz",
+        initrd=tmp_path / "initrd",
+        memory_mb=256,
+        name="a",
+    )
+    joined = " ".join(cmd)
+    assert "-machine q35,memory-backend=mem" in joined and "-accel tcg" in joined
+    assert "mem-path=/dev/shm/vmishell-a.ram,share=on" in joined and "size=256M" in joined
+    assert "-cpu qemu64,+la57" in joined and "-daemonize" in cmd and "-no-reboot" in cmd
+    assert f"unix:{tmp_path}/run,,x/qmp.sock,server=on,wait=off" in cmd  # commas escaped
+    assert "vmcoreinfo" in cmd
+    append = cmd[cmd.index("-append") + 1]
+    assert append == kernel_cmdline(spec) and "nokaslr" not in append
+    assert append.startswith("console=ttyS0 ") and "rdinit=/init" in append
+
+
+# -- registers ------------------------------------------------------------------------------
+
+
+I386_REGISTERS = """
+CPU#0
+EAX=c4917b70 EBX=c4c444c0 ECX=c4c444c0 EDX=cfc4bdc0
+ESI=00000000 EDI=00000000 EBP=c4c3bf28 ESP=c4c3bf28
+EIP=c4917b83 EFL=00200202 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1
+ES =007b 00000000 ffffffff 00cff300 DPL=3 DS   [-WA]
+GDT=     ff401000 000000ff
+CR0=80050033 CR2=bfa4bef0 CR3=01017000 CR4=00000690
+DR6=ffff0ff0 DR7=00000400
+EFER=0000000000000000
+FCW=037f FSW=0000 [ST=0] FTW=00 MXCSR=00001f80
+"""
+
+
+def test_parse_registers() -> None:
+    regs = parse_x86_registers((DATA / "info-registers-x86_64.txt").read_text())
+    assert regs.arch == "x86_64" and regs.efer is not None and regs.efer & (1 << 10)
+    assert regs.cr3 == 0x2B26000 or regs.cr3 > 0
+    assert "R8" in regs.extra and "RIP" in regs.extra and "ES" not in regs.extra
+    assert "XMM00" not in regs.extra and "FCW" not in regs.extra
+    regs = parse_x86_registers(I386_REGISTERS)
+    assert regs.arch == "i386" and regs.cr3 == 0x01017000 and regs.cr4 == 0x690
+    assert regs.efer == 0 and regs.extra["EIP"] == 0xC4917B83 and regs.extra["CR2"] == 0xBFA4BEF0
+    with pytest.raises(QmpError):
+        parse_x86_registers("nothing here")
+
+
+def test_qmp_unreachable_socket(tmp_path: Path) -> None:
+    from vmishell.sources.qmp import QmpClient
+
+    with pytest.raises(QmpError, match=str(tmp_path / "none.sock")):
+        QmpClient(tmp_path / "none.sock", timeout=2)

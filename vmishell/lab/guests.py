@@ -1,0 +1,153 @@
+"""The catalogue of lab guests: which Debian kernel, which QEMU, which paging mode.
+
+Each guest exists to prove one address-translation mode on a real, unmodified
+Debian kernel, so a spec names exactly what makes it different (CPU flags,
+machine, kernel flavour) and nothing else. Several guests may share one built
+image (the same kernel and initramfs): `image` names the build they use.
+
+Adding aarch64 later means adding a spec (see `PLANNED_GUESTS`), a workload
+for the architecture and a register parser; the runner already reads the
+console name and the physical offset of RAM from the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmishell.errors import LabError
+
+#: Guest RAM when the caller does not say otherwise.
+DEFAULT_MEMORY_MB = 256
+
+#: Accelerators `up` accepts. TCG is the default on purpose: /dev/kvm on these
+#: machines is a nested software backend under which a stock Debian kernel is
+#: still decompressing after minutes; ask for kvm explicitly on a real host.
+ACCELERATORS = ("tcg", "kvm")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything needed to build and boot one kind of lab guest.
+
+    `arch` is the guest CPU architecture as vmishell names it ("x86_64",
+    "i386", "aarch64"): it selects the workload binary and register parser.
+    `debian_arch` is the Debian architecture whose packages are downloaded.
+    `phys_offset` is the guest-physical address of the first byte of the RAM
+    file (0 on x86 `pc`/`q35` below 2 GiB, 0x40000000 on aarch64 `virt`).
+    """
+
+    name: str
+    arch: str
+    debian_arch: str
+    kernel_package: str
+    qemu_binary: str
+    qemu_package: str
+    machine: str
+    paging: str
+    description: str
+    cpu: str | None = None
+    console: str = "ttyS0"
+    phys_offset: int = 0
+    kaslr: bool = True
+    image: str = ""
+    kernel_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def image_name(self) -> str:
+        """The build this guest boots (guests with the same kernel share one)."""
+        return self.image or self.name
+
+
+GUESTS: dict[str, GuestSpec] = {
+    spec.name: spec
+    for spec in (
+        GuestSpec(
+            name="x86_64",
+            arch="x86_64",
+            debian_arch="amd64",
+            kernel_package="linux-image-amd64",
+            qemu_binary="qemu-system-x86_64",
+            qemu_package="qemu-system-x86",
+            machine="q35",
+            cpu="qemu64",
+            paging="4-level",
+            description="Debian amd64 kernel, 4-level paging, KASLR on",
+        ),
+        GuestSpec(
+            name="x86_64-la57",
+            arch="x86_64",
+            debian_arch="amd64",
+            kernel_package="linux-image-amd64",
+            qemu_binary="qemu-system-x86_64",
+            qemu_package="qemu-system-x86",
+            machine="q35",
+            cpu="qemu64,+la57",
+            paging="5-level",
+            description="the x86_64 kernel on a CPU with LA57: 5-level paging",
+            image="x86_64",
+        ),
+        GuestSpec(
+            name="i386-pae",
+            arch="i386",
+            debian_arch="i386",
+            kernel_package="linux-image-686-pae",
+            qemu_binary="qemu-system-i386",
+            qemu_package="qemu-system-x86",
+            machine="pc",
+            cpu="qemu32,+pae,+nx",
+            paging="pae",
+            description="Debian 686-pae kernel: 3-level PAE paging",
+        ),
+        GuestSpec(
+            name="i386",
+            arch="i386",
+            debian_arch="i386",
+            kernel_package="linux-image-686",
+            qemu_binary="qemu-system-i386",
+            qemu_package="qemu-system-x86",
+            machine="pc",
+            cpu="qemu32",
+            paging="2-level",
+            description="Debian 686 kernel: legacy 2-level paging",
+        ),
+    )
+}
+
+#: Guests the design allows for but that are not implemented yet (no workload,
+#: no register parser). Kept as data so the catalogue's shape stays honest.
+PLANNED_GUESTS: dict[str, GuestSpec] = {
+    "aarch64": GuestSpec(
+        name="aarch64",
+        arch="aarch64",
+        debian_arch="arm64",
+        kernel_package="linux-image-arm64",
+        qemu_binary="qemu-system-aarch64",
+        qemu_package="qemu-system-arm",
+        machine="virt",
+        cpu="cortex-a57",
+        paging="4-level (4 KiB granule)",
+        description="Debian arm64 kernel on the virt machine (planned)",
+        console="ttyAMA0",
+        phys_offset=0x4000_0000,
+    ),
+}
+
+
+def get_guest(name: str | GuestSpec) -> GuestSpec:
+    """The spec called `name`; a LabError lists the known names otherwise."""
+    if isinstance(name, GuestSpec):
+        return name
+    try:
+        return GUESTS[name]
+    except KeyError:
+        if name in PLANNED_GUESTS:
+            raise LabError(f"guest {name!r} is planned but not implemented yet") from None
+        known = ", ".join(GUESTS)
+        raise LabError(f"unknown lab guest {name!r} (known: {known})") from None
+
+
+def check_accel(accel: str) -> str:
+    """Validate an accelerator name early, before anything is built or started."""
+    if accel not in ACCELERATORS:
+        raise LabError(f"unknown accelerator {accel!r} (use one of: {', '.join(ACCELERATORS)})")
+    return accel

@@ -1,0 +1,114 @@
+"""The QEMU command line of a lab guest, as a pure function of its inputs.
+
+Kept apart from the process handling so that the exact command can be shown
+to a user, logged in instance.json, and unit-tested without starting QEMU.
+Choices that matter for introspection:
+
+* guest RAM is a shared file in /dev/shm (`memory-backend-file,share=on`), so
+  the host reads guest-physical memory live, file offset = physical address
+  (minus `phys_offset` on machines whose RAM does not start at 0);
+* QMP on a unix socket, for registers, pause/resume and ELF dumps;
+* the serial console goes to a socket chardev with a logfile: the log is the
+  ground truth channel, and nobody needs to be connected for it to be written;
+* `-device vmcoreinfo` lets dumps carry the kernel's VMCOREINFO note;
+* no KVM unless asked: TCG behaves the same on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmishell.lab.guests import GuestSpec
+
+#: Kernel options every lab guest gets: a console we log, no reboot loop on
+#: panic (QEMU runs with -no-reboot, so a panic ends QEMU), our /init, and a
+#: quiet kernel so that printk does not interleave with the truth lines.
+BASE_KERNEL_ARGS = ("panic=-1", "rdinit=/init", "quiet", "loglevel=1")
+
+
+@dataclass(frozen=True)
+class LaunchFiles:
+    """Where one instance's QEMU puts its sockets, log, pid and RAM."""
+
+    run_dir: Path
+    ram_path: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def serial_sock(self) -> Path:
+        return self.run_dir / "serial.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def instance_json(self) -> Path:
+        return self.run_dir / "instance.json"
+
+    @property
+    def initrd(self) -> Path:
+        """A per-instance initrd (base image + user scenario), when one is needed."""
+        return self.run_dir / "initrd.cpio.gz"
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU -option list: commas are escaped by doubling them."""
+    return str(value).replace(",", ",,")
+
+
+def kernel_cmdline(spec: GuestSpec, extra: tuple[str, ...] = ()) -> str:
+    """The guest kernel's command line (KASLR stays on: no nokaslr)."""
+    return " ".join((f"console={spec.console}", *BASE_KERNEL_ARGS, *spec.kernel_args, *extra))
+
+
+def qemu_command(
+    spec: GuestSpec,
+    *,
+    qemu: str,
+    files: LaunchFiles,
+    kernel: Path,
+    initrd: Path,
+    memory_mb: int,
+    accel: str = "tcg",
+    name: str = "",
+    extra_kernel_args: tuple[str, ...] = (),
+) -> list[str]:
+    """argv for a daemonized QEMU running `spec` with the given files."""
+    machine = f"{spec.machine},memory-backend=mem"
+    cmd = [
+        qemu,
+        "-name", name or spec.name,
+        "-machine", machine,
+        "-accel", accel,
+        "-m", f"{memory_mb}M",
+        "-object",
+        f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={_opt(files.ram_path)},share=on",
+    ]  # fmt: skip
+    if spec.cpu:
+        cmd += ["-cpu", spec.cpu]
+    cmd += [
+        "-display", "none",
+        "-nodefaults",
+        "-no-reboot",
+        "-daemonize",
+        "-pidfile", str(files.pidfile),
+        "-qmp", f"unix:{_opt(files.qmp)},server=on,wait=off",
+        "-chardev",
+        f"socket,id=ser0,path={_opt(files.serial_sock)},server=on,wait=off,"
+        f"logfile={_opt(files.serial_log)}",
+        "-serial", "chardev:ser0",
+        "-device", "vmcoreinfo",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", kernel_cmdline(spec, extra_kernel_args),
+    ]  # fmt: skip
+    return cmd

@@ -1,0 +1,450 @@
+"""Start, watch, dump and stop lab guests: QEMU processes running in the background.
+
+`up` builds the guest image if needed, starts a daemonized QEMU whose RAM is
+a file in /dev/shm, and returns only once the guest printed `@@vmi ready` on
+its serial console, so callers can immediately compare RAM with the ground
+truth. Every failure path kills the QEMU it started and removes the
+instance's files, and says why with the tail of the serial log. Instances are
+named so that several guests (or several test sessions) can run side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmishell.errors import LabError, MissingToolError, QmpError
+from vmishell.lab import instances
+from vmishell.lab.build import BuiltGuest, build_guest
+from vmishell.lab.guests import DEFAULT_MEMORY_MB, GuestSpec, check_accel, get_guest
+from vmishell.lab.initramfs import scenario_archive
+from vmishell.lab.paths import run_root
+from vmishell.lab.qemucmd import LaunchFiles, qemu_command
+from vmishell.lab.truth import GroundTruth, is_ready, read_truth
+from vmishell.sources.base import Registers
+from vmishell.sources.qmp import QmpClient
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+MIB = 1 << 20
+#: Below 2 GiB, x86 `pc`/`q35` map all RAM at physical 0..size, so that the RAM
+#: file offset is the physical address; above it RAM is split around the PCI hole.
+MAX_MEMORY_MB = 2047
+MIN_MEMORY_MB = 64
+TAIL_LINES = 20
+
+
+@dataclass
+class RunningGuest:
+    """A live lab instance and where to reach it."""
+
+    name: str
+    guest: GuestSpec
+    run_dir: Path
+    ram_path: Path
+    ram_size: int
+    qmp_path: Path
+    serial_log: Path
+    pid: int
+    accel: str = "tcg"
+    started_at: float = 0.0
+    boot_seconds: float | None = None
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    notes: tuple[str, ...] = ()
+
+    def truth(self) -> GroundTruth:
+        """The ground truth the guest printed when it booted."""
+        return read_truth(self.serial_log)
+
+    def qmp(self, timeout: float = 30.0) -> QmpClient:
+        """A new QMP connection (close it, or use it as a context manager)."""
+        return QmpClient(self.qmp_path, timeout=timeout)
+
+    def registers(self) -> Registers:
+        """The vCPU's control registers, read through QMP."""
+        with self.qmp() as q:
+            return q.registers()
+
+    def alive(self) -> bool:
+        return instances.pid_alive(self.pid, self.run_dir)
+
+    def status(self) -> GuestStatus:
+        return status(self.name)
+
+    def dump(self, path: str | Path, fmt: str = "raw") -> Path:
+        return dump(self.name, path, fmt)
+
+    def down(self) -> list[str]:
+        return down(self.name)
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    """What `lab status` reports about one instance."""
+
+    name: str
+    guest: str
+    state: str  # "running", "paused", ... from QMP; "stale" when QEMU is gone
+    pid: int | None
+    run_dir: str
+    ram_path: str
+    memory_mb: int | None
+    accel: str | None
+    started_at: float | None
+    boot_seconds: float | None
+    ready: bool
+    kernel_release: str | None
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8", "replace").replace("\r", "")
+    except OSError:
+        return "(no serial log)"
+    tail = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(serial log is empty)"
+
+
+@contextlib.contextmanager
+def _name_lock(name: str) -> Iterator[None]:
+    """Serialise up/down of one instance name across processes.
+
+    The lock file is removed again when no instance of that name remains, so
+    locks do not pile up; a racing third process could then lock a fresh file,
+    which is acceptable for a developer tool (up/down of one name at once).
+    """
+    locks = run_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{name}.lock"
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if not instances.leftovers(instances.files_for(name)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _wait_dead(pid: int, run_dir: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not instances.pid_alive(pid, run_dir):
+            return True
+        time.sleep(0.05)
+    return not instances.pid_alive(pid, run_dir)
+
+
+def _stop_qemu(files: LaunchFiles, pid: int | None, grace: float = 5.0) -> str:
+    """Stop a QEMU: QMP quit, then SIGTERM, then SIGKILL. Returns how it ended."""
+    if not instances.pid_alive(pid, files.run_dir):
+        return "not running"
+    assert pid is not None
+    with contextlib.suppress(QmpError):
+        QmpClient(files.qmp, timeout=grace).quit()
+    if _wait_dead(pid, files.run_dir, grace):
+        return "quit via QMP"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        instances.kill(pid, sig)
+        if _wait_dead(pid, files.run_dir, grace):
+            return f"stopped with {sig.name}"
+    raise LabError(f"QEMU pid {pid} survived SIGKILL; its files in {files.run_dir} are kept")
+
+
+def _qemu_binary(spec: GuestSpec) -> str:
+    path = shutil.which(spec.qemu_binary)
+    if path is None:
+        raise MissingToolError(spec.qemu_binary, spec.qemu_package)
+    return path
+
+
+def _guest_from_record(record: dict[str, Any], files: LaunchFiles) -> RunningGuest:
+    return RunningGuest(
+        name=record["name"],
+        guest=get_guest(record["guest"]),
+        run_dir=files.run_dir,
+        ram_path=Path(record["ram_path"]),
+        ram_size=int(record["ram_size"]),
+        qmp_path=Path(record["qmp_path"]),
+        serial_log=Path(record["serial_log"]),
+        pid=int(record["pid"]),
+        accel=record.get("accel", "tcg"),
+        started_at=float(record.get("started_at", 0.0)),
+        boot_seconds=record.get("boot_seconds"),
+        manifest=record.get("manifest", {}),
+        notes=tuple(record.get("notes", ())),
+    )
+
+
+# -- public API ---------------------------------------------------------------------
+
+
+def up(
+    guest: str | GuestSpec,
+    name: str | None = None,
+    *,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    init_script: str | Path | None = None,
+    accel: str = "tcg",
+    timeout: float = 120.0,
+    progress: Progress | None = None,
+    cache_dir: Path | None = None,
+    extra_kernel_args: tuple[str, ...] = (),
+    built: BuiltGuest | None = None,
+) -> RunningGuest:
+    """Boot `guest` as instance `name` (default: the guest's name) and wait until ready.
+
+    `init_script` is a shell script copied into the guest as /vmi/scenario and
+    started in the background by /init before the ground truth is printed.
+    `built` overrides the image (tests use it to boot deliberately broken ones).
+    """
+    spec = get_guest(guest)
+    check_accel(accel)
+    name = instances.check_name(name or spec.name)
+    if not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB:
+        raise LabError(f"memory must be {MIN_MEMORY_MB}..{MAX_MEMORY_MB} MiB, not {memory_mb}")
+    qemu = _qemu_binary(spec)
+    scenario = None
+    if init_script is not None:
+        try:
+            scenario = Path(init_script).read_bytes()
+        except OSError as exc:
+            raise LabError(f"cannot read init script {init_script}: {exc}") from exc
+    say = progress or (lambda msg: log.info("%s", msg))
+    files = instances.files_for(name)
+
+    with _name_lock(name):
+        notes = _reclaim(name, files, say)
+        image = built or build_guest(spec, progress=progress, cache_dir=cache_dir)
+        files.run_dir.mkdir(parents=True, mode=0o700)
+        initrd = image.initramfs
+        if scenario is not None:
+            files.initrd.write_bytes(image.initramfs.read_bytes() + scenario_archive(scenario))
+            initrd = files.initrd
+        cmd = qemu_command(
+            spec,
+            qemu=qemu,
+            files=files,
+            kernel=image.vmlinuz,
+            initrd=initrd,
+            memory_mb=memory_mb,
+            accel=accel,
+            name=name,
+            extra_kernel_args=extra_kernel_args,
+        )
+        record: dict[str, Any] = {
+            "name": name,
+            "guest": spec.name,
+            "image": spec.image_name,
+            "run_dir": str(files.run_dir),
+            "ram_path": str(files.ram_path),
+            "ram_size": memory_mb * MIB,
+            "memory_mb": memory_mb,
+            "phys_offset": spec.phys_offset,
+            "qmp_path": str(files.qmp),
+            "serial_log": str(files.serial_log),
+            "accel": accel,
+            "command": cmd,
+            "init_script": str(init_script) if init_script is not None else None,
+            "manifest": image.manifest,
+            "notes": notes,
+            "pid": None,
+        }
+        instances.write_record(files, record)
+        say(f"{name}: starting {spec.qemu_binary} ({spec.name}, {memory_mb} MiB, {accel})")
+        started = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            _abort(files, instances.read_pid(files))
+            raise LabError(f"{name}: QEMU did not daemonize within 60 s") from None
+        pid = instances.read_pid(files)
+        if proc.returncode != 0 or pid is None:
+            _abort(files, pid)
+            raise LabError(
+                f"{name}: {spec.qemu_binary} failed to start (exit code {proc.returncode}):\n"
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
+        record.update(pid=pid, started_at=started)
+        instances.write_record(files, record)
+        try:
+            _wait_ready(name, spec, files, pid, timeout)
+        except BaseException:
+            _abort(files, pid)  # also on Ctrl-C: never leave a half-booted QEMU behind
+            raise
+        record["boot_seconds"] = round(time.time() - started, 2)
+        instances.write_record(files, record)
+        say(f"{name}: ready after {record['boot_seconds']} s (pid {pid})")
+        return _guest_from_record(record, files)
+
+
+def _reclaim(name: str, files: LaunchFiles, say: Progress) -> list[str]:
+    """Refuse a name in use; clean up what a dead instance of that name left behind."""
+    pid = instances.read_pid(files)
+    if instances.pid_alive(pid, files.run_dir):
+        raise LabError(
+            f"instance name {name!r} is in use by a running QEMU (pid {pid}); "
+            f"stop it with `vmishell lab down {name}` or choose another --name"
+        )
+    if not instances.leftovers(files):
+        return []
+    removed = instances.remove_files(files)
+    why = f"QEMU pid {pid} is dead" if pid else "no QEMU was recorded"
+    note = f"cleaned up stale instance {name!r} ({why}): removed {', '.join(removed)}"
+    say(note)
+    log.warning("%s", note)
+    return [note]
+
+
+def _abort(files: LaunchFiles, pid: int | None) -> None:
+    """Kill a QEMU that failed to come up and remove its files."""
+    with contextlib.suppress(LabError):
+        _stop_qemu(files, pid, grace=2.0)
+    instances.remove_files(files)
+
+
+def _wait_ready(name: str, spec: GuestSpec, files: LaunchFiles, pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    reason = f"no `@@vmi ready` line within {timeout:g} s"
+    while time.monotonic() < deadline:
+        try:
+            text = files.serial_log.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        if is_ready(text):
+            return
+        if not instances.pid_alive(pid, files.run_dir):
+            panicked = "Kernel panic" in text
+            reason = "the kernel panicked" if panicked else "QEMU exited during boot"
+            break
+        time.sleep(0.2)
+    raise LabError(
+        f"guest {name!r} ({spec.name}) failed to boot: {reason}\n"
+        f"--- last {TAIL_LINES} lines of the serial console ---\n{_tail(files.serial_log)}"
+    )
+
+
+def attach(name: str) -> RunningGuest:
+    """The running instance `name` (e.g. started by another process)."""
+    files = instances.files_for(name)
+    record = instances.read_record(files)
+    if record is None or record.get("pid") is None:
+        raise LabError(f"no lab instance named {name!r}{_running_hint()}")
+    guest = _guest_from_record(record, files)
+    if not guest.alive():
+        raise LabError(
+            f"lab instance {name!r} is not running (QEMU pid {guest.pid} is gone); "
+            f"`vmishell lab down {name}` cleans up"
+        )
+    return guest
+
+
+def _running_hint() -> str:
+    names = instances.known_names()
+    return f" (known: {', '.join(names)})" if names else " (none is running)"
+
+
+def down(name: str, *, grace: float = 5.0) -> list[str]:
+    """Stop instance `name` and remove its files (only its own). Returns what was done."""
+    files = instances.files_for(name)
+    with _name_lock(name):
+        if not instances.leftovers(files):
+            raise LabError(f"no lab instance named {name!r}{_running_hint()}")
+        pid = instances.read_pid(files)
+        how = _stop_qemu(files, pid, grace)
+        removed = instances.remove_files(files)
+    return [f"{name}: QEMU {how}", *(f"removed {p}" for p in removed)]
+
+
+def status(name: str) -> GuestStatus:
+    """The state of instance `name` (LabError if there is none)."""
+    files = instances.files_for(name)
+    if not instances.leftovers(files):
+        raise LabError(f"no lab instance named {name!r}{_running_hint()}")
+    record = instances.read_record(files) or {}
+    pid = instances.read_pid(files)
+    state = "stale"
+    if instances.pid_alive(pid, files.run_dir):
+        try:
+            with QmpClient(files.qmp, timeout=5.0) as q:
+                state = q.status()
+        except QmpError:
+            state = "unreachable"
+    try:
+        ready = is_ready(files.serial_log.read_bytes().decode("utf-8", "replace"))
+    except OSError:
+        ready = False
+    manifest = record.get("manifest") or {}
+    return GuestStatus(
+        name=name,
+        guest=record.get("guest", "?"),
+        state=state,
+        pid=pid,
+        run_dir=str(files.run_dir),
+        ram_path=str(files.ram_path),
+        memory_mb=record.get("memory_mb"),
+        accel=record.get("accel"),
+        started_at=record.get("started_at"),
+        boot_seconds=record.get("boot_seconds"),
+        ready=ready,
+        kernel_release=manifest.get("kernel_release"),
+    )
+
+
+def list_guests() -> list[GuestStatus]:
+    """Every instance with files on this host, running or stale."""
+    out = []
+    for name in instances.known_names():
+        with contextlib.suppress(LabError):
+            out.append(status(name))
+    return out
+
+
+DUMP_FORMATS = ("raw", "elf")
+
+
+def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.0) -> Path:
+    """Write guest RAM of instance `name` to `path`.
+
+    raw: the RAM file copied while the vCPUs are paused (offset = physical
+    address); elf: QEMU's `dump-guest-memory` (paging off) with PT_LOAD
+    segments per RAM block and QEMU/VMCOREINFO notes carrying registers.
+    """
+    if fmt not in DUMP_FORMATS:
+        raise LabError(f"unknown dump format {fmt!r} (use raw or elf)")
+    guest = attach(name)
+    target = Path(path).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with guest.qmp(timeout=timeout) as q:
+        if fmt == "raw":
+            was_running = q.running()
+            if was_running:
+                q.stop()
+            try:
+                shutil.copyfile(guest.ram_path, target)
+            except OSError as exc:
+                raise LabError(f"cannot copy {guest.ram_path} to {target}: {exc}") from exc
+            finally:
+                if was_running:
+                    q.cont()
+        else:
+            q.command("dump-guest-memory", paging=False, protocol=f"file:{target}")
+            result = q.command("query-dump")
+            if result.get("status") != "completed":
+                raise LabError(f"dump of {name!r} to {target} did not complete: {result}")
+    return target
