@@ -1,0 +1,46 @@
+"""Plain-text renderings for terminals: hex dumps, walk tables, and escaping.
+
+Guest bytes and strings may hold terminal escape sequences; everything shown
+here passes through `safe_text`, which makes control characters visible.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vmishell.arch import Walk
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe_text(text: str) -> str:
+    """Text with every control character (ESC, CSI, bidi overrides) shown as an escape."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+def hexdump(data: bytes, address: int = 0, width: int = 16) -> str:
+    """Classic hex and ASCII dump; non-printable bytes show as '.'."""
+    lines = []
+    digits = 16 if address + len(data) > 0xFFFFFFFF else 8
+    for off in range(0, len(data), width):
+        chunk = data[off : off + width]
+        hexes = " ".join(f"{b:02x}" for b in chunk).ljust(width * 3 - 1)
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{address + off:0{digits}x}  {hexes}  |{text}|")
+    return "\n".join(lines)
+
+
+def walk_table(walk: Walk) -> str:
+    """A page walk as aligned text: one line per level, then the outcome."""
+    lines = [f"{'level':<6} {'table':>18} {'index':>5} {'entry address':>18} {'entry':>18}  flags"]
+    for step in walk.steps:
+        lines.append(
+            f"{step.level:<6} {step.table:#18x} {step.index:5d} {step.entry_address:#18x} "
+            f"{step.entry:#18x}  {step.flags_text if hasattr(step, 'flags_text') else step.flags}"
+        )
+    if walk.translation is not None:
+        t = walk.translation
+        lines.append(f"=> {walk.vaddr:#x} -> physical {t.paddr:#x} ({t.page_size:#x} page)")
+    else:
+        lines.append(f"=> {walk.fault}")
+    return "\n".join(lines)

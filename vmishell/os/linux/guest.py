@@ -1,0 +1,101 @@
+"""A Linux guest: the kernel located once, then tasks, page-table bases and maps."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from vmishell.arch import AddressSpace, Translator
+from vmishell.errors import GuestDataError, VmiError
+from vmishell.limits import Limits
+from vmishell.os.linux.kernel import KernelLocation, locate_kernel
+from vmishell.os.linux.layout import maple_layout, mm_layout, task_layout, vma_layout
+from vmishell.os.linux.reader import KernelReader
+from vmishell.os.linux.tasks import Task, TaskWalker
+from vmishell.os.linux.vmas import Vma, VmaWalker
+from vmishell.sources.base import PhysicalSource
+from vmishell.symbols.profile import Profile
+
+#: x86_64 with page-table isolation keeps a process's user-mode PGD one page
+#: after its kernel PGD; mm->pgd always names the kernel one.
+_PTI_USER_PGD_BIT = 1 << 12
+
+
+class LinuxGuest:
+    """The OS layer over one source and one profile."""
+
+    def __init__(
+        self,
+        source: PhysicalSource,
+        profile: Profile,
+        limits: Limits | None = None,
+        location: KernelLocation | None = None,
+    ) -> None:
+        self.source = source
+        self.profile = profile
+        self.limits = limits or Limits()
+        self.location = location or locate_kernel(source, profile, self.limits)
+        self.kernel_translator = Translator(source, self.location.dtb, self.location.mode)
+        self.kernel_space = AddressSpace(self.kernel_translator)
+        self.reader = KernelReader(self.kernel_space, profile.pointer_size)
+        self._tasks = TaskWalker(self.reader, task_layout(profile), self.limits)
+        self._mm = mm_layout(profile)
+        special = frozenset(
+            self.symbol(name)
+            for name in ("special_mapping_vmops", "legacy_special_mapping_vmops")
+            if profile.has_symbol(name)
+        )
+        self._vmas = VmaWalker(
+            self.reader, self._mm, vma_layout(profile), maple_layout(profile), self.limits, special
+        )
+
+    def symbol(self, name: str) -> int:
+        """Run-time virtual address of a kernel symbol."""
+        return self.location.virtual(self.profile.symbol_address(name))
+
+    @cached_property
+    def init_task(self) -> int:
+        return self.symbol("init_task")
+
+    def tasks(self) -> list[Task]:
+        """Every task, leaders in list order each followed by its threads."""
+        return self._tasks.all_tasks(self.init_task)
+
+    def task_address(self, pid: int) -> int:
+        for task in self.tasks():
+            if task.pid == pid:
+                return task.address
+        raise GuestDataError(f"no task with pid {pid}")
+
+    def pgd_physical(self, mm: int) -> int:
+        """Physical page-table base of an mm_struct (its `pgd` is a kernel VA)."""
+        pgd = self.reader.pointer(mm + self._mm.pgd)
+        try:
+            return self.kernel_translator.translate(pgd).paddr
+        except VmiError as exc:
+            raise GuestDataError(f"mm {mm:#x}: its pgd {pgd:#x} does not translate: {exc}") from exc
+
+    def dtb_of(self, task: Task) -> int:
+        """A task's page-table base: its mm's, else its active_mm's, else the kernel's."""
+        mm = task.mm or task.active_mm
+        if not mm:
+            return self.location.dtb
+        return self.pgd_physical(mm)
+
+    def address_space(self, dtb: int) -> AddressSpace:
+        return AddressSpace(Translator(self.source, dtb, self.location.mode))
+
+    def vmas(self, task: Task) -> list[Vma]:
+        if not task.mm:
+            return []
+        return self._vmas.vmas(task.mm)
+
+    def cmdline(self, task: Task, space: AddressSpace) -> list[str] | None:
+        """argv read from the process's own memory (None for kernel threads)."""
+        if not task.mm:
+            return None
+        start = self.reader.pointer(task.mm + self._mm.arg_start)
+        end = self.reader.pointer(task.mm + self._mm.arg_end)
+        if not 0 <= end - start <= self.limits.max_cmdline:
+            raise GuestDataError(f"pid {task.pid}: implausible argument area {start:#x}-{end:#x}")
+        raw = space.read(start, end - start, pad=True)
+        return [a.decode("utf-8", "backslashreplace") for a in raw.rstrip(b"\0").split(b"\0")]

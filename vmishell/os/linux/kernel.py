@@ -1,0 +1,197 @@
+"""Find a Linux kernel in guest memory: its physical and virtual (KASLR) placement
+and the page-table base that maps it.
+
+The method needs no registers. The profile's `linux_banner` text is looked for
+where KASLR may have put it (kernel images are placed on 2 MiB boundaries, so
+only a few hundred positions are read), `init_task.comm` confirms each
+candidate, the physical placement gives the address of the kernel's top-level
+page table, and walking it tells the virtual placement. Registers, when the
+source has them, only decide the paging mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmishell.arch import AddressSpace, PagingMode, Translator, mode_from_registers
+from vmishell.errors import GuestDataError, ProfileError, RegistersUnavailable, VmiError
+from vmishell.limits import Limits
+from vmishell.sources.base import PhysicalSource, Registers
+from vmishell.symbols.profile import Profile
+
+#: Where x86_64 links the kernel image (__START_KERNEL_map).
+X86_64_KERNEL_MAP = 0xFFFFFFFF80000000
+#: i386 PAGE_OFFSET with Debian's default 3G/1G split: VA = PA + PAGE_OFFSET.
+I386_PAGE_OFFSET = 0xC0000000
+KASLR_ALIGN = 0x200000
+#: x86_64 randomizes the kernel image inside the 1 GiB after __START_KERNEL_map.
+KERNEL_IMAGE_SIZE = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLocation:
+    """Where the kernel lies: every address vmishell derives starts here."""
+
+    arch: str
+    mode: PagingMode
+    dtb: int
+    physical_shift: int
+    virtual_shift: int
+    banner_paddr: int
+    registers: Registers | None
+
+    def virtual(self, symbol_address: int) -> int:
+        """Run-time virtual address of a symbol given at its link-time address."""
+        return symbol_address + self.virtual_shift
+
+    def physical(self, symbol_address: int) -> int:
+        """Physical address of a kernel-image symbol given at its link-time address."""
+        base = X86_64_KERNEL_MAP if self.arch == "x86_64" else I386_PAGE_OFFSET
+        return symbol_address - base + self.physical_shift
+
+
+def arch_of(profile: Profile) -> str:
+    if profile.pointer_size == 8:
+        return "x86_64"
+    if profile.pointer_size == 4:
+        return "i386"
+    raise ProfileError(f"profile {profile.name}: pointer size {profile.pointer_size} is not x86")
+
+
+def _banner(profile: Profile) -> bytes:
+    banner = profile.banner
+    if not banner:
+        raise ProfileError(
+            f"profile {profile.name} has no linux_banner text: rebuild it with "
+            "`vmishell profile build` so the kernel can be found in memory"
+        )
+    return banner.rstrip(b"\0")
+
+
+def _kernel_phys(arch: str, link: int, physical_shift: int) -> int:
+    base = X86_64_KERNEL_MAP if arch == "x86_64" else I386_PAGE_OFFSET
+    return link - base + physical_shift
+
+
+def _comm_is_swapper(source: PhysicalSource, profile: Profile, arch: str, shift: int) -> bool:
+    init_task = profile.symbol_address("init_task")
+    comm = _kernel_phys(arch, init_task, shift) + profile.offset_of("task_struct", "comm")
+    try:
+        return source.read(comm, 16).split(b"\0")[0] in (b"swapper/0", b"swapper")
+    except VmiError:
+        return False
+
+
+def banner_candidates(
+    source: PhysicalSource, profile: Profile, limits: Limits, arch: str
+) -> list[int]:
+    """Physical shifts at which the profile's banner and init_task both check out."""
+    banner = _banner(profile)
+    banner_link = profile.symbol_address("linux_banner")
+    base = X86_64_KERNEL_MAP if arch == "x86_64" else I386_PAGE_OFFSET
+    unshifted = banner_link - base
+    found: list[int] = []
+    # Fast path: KASLR keeps the image on 2 MiB boundaries.
+    for start in range(unshifted % KASLR_ALIGN, source.size, KASLR_ALIGN):
+        if not source.is_valid(start, len(banner)) or source.read(start, len(banner)) != banner:
+            continue
+        shift = start - unshifted
+        if _comm_is_swapper(source, profile, arch, shift):
+            found.append(shift)
+            if len(found) >= limits.max_banner_candidates:
+                break
+    if found:
+        return found
+    # Slow path: any page-aligned placement (kernels built with another alignment).
+    for paddr in source.find(banner):
+        if (paddr - unshifted) % 4096:
+            continue
+        shift = paddr - unshifted
+        if _comm_is_swapper(source, profile, arch, shift):
+            found.append(shift)
+            if len(found) >= limits.max_banner_candidates:
+                break
+    return found
+
+
+def _paging_mode(
+    source: PhysicalSource, profile: Profile, arch: str, shift: int, regs: Registers | None
+) -> PagingMode:
+    if regs is not None and regs.cr0 is not None and regs.cr4 is not None:
+        return mode_from_registers(regs)
+    if arch == "x86_64":
+        if profile.has_symbol("__pgtable_l5_enabled"):
+            flag = _kernel_phys(arch, profile.symbol_address("__pgtable_l5_enabled"), shift)
+            try:
+                if int.from_bytes(source.read(flag, 4), "little") == 1:
+                    return PagingMode.LEVEL5
+            except VmiError:
+                pass
+        return PagingMode.LEVEL4
+    for name in ("pteval_t", "pgdval_t", "pte_t"):
+        if profile.has_type(name):
+            return PagingMode.PAE if profile.size_of(name) == 8 else PagingMode.LEGACY
+    return PagingMode.PAE
+
+
+def _dtb(profile: Profile, arch: str, shift: int) -> int:
+    for name in ("init_top_pgt", "swapper_pg_dir", "init_level4_pgt"):
+        if profile.has_symbol(name):
+            return _kernel_phys(arch, profile.symbol_address(name), shift)
+    raise ProfileError(f"profile {profile.name} has no kernel page-table symbol (init_top_pgt)")
+
+
+def _virtual_shift(translator: Translator, banner_link: int, banner_paddr: int) -> int | None:
+    for shift in range(0, KERNEL_IMAGE_SIZE, KASLR_ALIGN):
+        try:
+            if translator.translate(banner_link + shift).paddr == banner_paddr:
+                return shift
+        except VmiError:
+            continue
+    return None
+
+
+def locate_kernel(
+    source: PhysicalSource, profile: Profile, limits: Limits | None = None
+) -> KernelLocation:
+    """Find the kernel that `profile` describes in `source`, or say why not."""
+    limits = limits or Limits()
+    arch = arch_of(profile)
+    try:
+        regs: Registers | None = source.registers()
+    except RegistersUnavailable:
+        regs = None
+    shifts = banner_candidates(source, profile, limits, arch)
+    if not shifts:
+        raise GuestDataError(
+            f"the banner of profile {profile.name} ({_banner(profile)[:60]!r}...) was not found "
+            f"with a matching init_task in {source.description}: wrong profile for this guest?"
+        )
+    banner_link = profile.symbol_address("linux_banner")
+    problems = []
+    for shift in shifts:
+        mode = _paging_mode(source, profile, arch, shift, regs)
+        dtb = _dtb(profile, arch, shift)
+        banner_paddr = _kernel_phys(arch, banner_link, shift)
+        translator = Translator(source, dtb, mode)
+        if arch == "x86_64":
+            vshift = _virtual_shift(translator, banner_link, banner_paddr)
+        else:
+            vshift = shift
+            try:
+                if translator.translate(banner_link + vshift).paddr != banner_paddr:
+                    vshift = None
+            except VmiError:
+                vshift = None
+        if vshift is None:
+            problems.append(f"physical shift {shift:#x}: page table at {dtb:#x} does not map it")
+            continue
+        return KernelLocation(arch, mode, dtb, shift, vshift, banner_paddr, regs)
+    raise GuestDataError(
+        f"kernel banner found in {source.description} but its page tables did not check out: "
+        + "; ".join(problems)
+    )
+
+
+def kernel_space(source: PhysicalSource, location: KernelLocation) -> AddressSpace:
+    return AddressSpace(Translator(source, location.dtb, location.mode))

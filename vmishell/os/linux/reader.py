@@ -1,0 +1,101 @@
+"""Typed reads of guest kernel memory: integers, pointers, C strings, list walks.
+
+Everything read here is untrusted. Readers raise vmishell errors only, and the
+list walker keeps a seen-set and a cap, so a cyclic or endless guest list ends
+in a clear GuestDataError instead of a hang.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from vmishell.arch import AddressSpace
+from vmishell.errors import GuestDataError, VmiError
+
+
+class KernelReader:
+    """Reads typed values from one virtual address space of the guest."""
+
+    def __init__(self, space: AddressSpace, pointer_size: int) -> None:
+        self.space = space
+        self.pointer_size = pointer_size
+        self._ptr = struct.Struct("<Q" if pointer_size == 8 else "<I")
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        return self.space.read(vaddr, size)
+
+    def u8(self, vaddr: int) -> int:
+        return self.space.read(vaddr, 1)[0]
+
+    def u16(self, vaddr: int) -> int:
+        return int.from_bytes(self.space.read(vaddr, 2), "little")
+
+    def u32(self, vaddr: int) -> int:
+        return int.from_bytes(self.space.read(vaddr, 4), "little")
+
+    def u64(self, vaddr: int) -> int:
+        return int.from_bytes(self.space.read(vaddr, 8), "little")
+
+    def s32(self, vaddr: int) -> int:
+        return int.from_bytes(self.space.read(vaddr, 4), "little", signed=True)
+
+    def pointer(self, vaddr: int) -> int:
+        return self._ptr.unpack(self.space.read(vaddr, self.pointer_size))[0]
+
+    def cstring(self, vaddr: int, limit: int) -> bytes:
+        """Bytes up to the first NUL, at most `limit`, reading page by page."""
+        out = bytearray()
+        pos = vaddr
+        while len(out) < limit:
+            chunk = min(limit - len(out), 4096 - (pos & 0xFFF))
+            data = self.space.read(pos, chunk)
+            nul = data.find(b"\0")
+            if nul >= 0:
+                out += data[:nul]
+                return bytes(out)
+            out += data
+            pos += chunk
+        return bytes(out)
+
+    def walk_list(
+        self, head: int, link_offset: int, cap: int, what: str, include_head: bool = False
+    ) -> Iterator[int]:
+        """Yield the address of each structure on a circular `list_head` list.
+
+        `head` is the address of the list_head that anchors the list and
+        `link_offset` the offset of the list_head inside each structure. Stops
+        at the head; raises GuestDataError on a cycle that misses the head, a
+        list longer than `cap`, or an unreadable link.
+        """
+        seen = {head}
+        if include_head:
+            yield head - link_offset
+        try:
+            node = self.pointer(head)
+        except VmiError as exc:
+            raise GuestDataError(f"{what}: cannot read list head at {head:#x}: {exc}") from exc
+        count = 0
+        while node != head:
+            if node in seen:
+                raise GuestDataError(
+                    f"{what}: list loops back to {node:#x} without reaching its head {head:#x}"
+                )
+            if node == 0:
+                raise GuestDataError(f"{what}: NULL link after {count} entries (list at {head:#x})")
+            count += 1
+            if count > cap:
+                raise GuestDataError(f"{what}: more than {cap} entries (list at {head:#x})")
+            seen.add(node)
+            yield node - link_offset
+            try:
+                node = self.pointer(node)
+            except VmiError as exc:
+                raise GuestDataError(
+                    f"{what}: cannot follow link at {node:#x} (entry {count}): {exc}"
+                ) from exc
+
+
+def decode_guest_string(raw: bytes) -> str:
+    """Guest bytes as text: invalid UTF-8 kept visible as escapes, never dropped."""
+    return raw.decode("utf-8", "backslashreplace")

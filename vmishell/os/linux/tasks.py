@@ -1,0 +1,200 @@
+"""Every task of a Linux guest: walk `init_task.tasks`, then each thread group.
+
+A task that cannot be decoded is still listed, with its `error` set, so one
+corrupt structure never hides the rest of the table.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vmishell.errors import GuestDataError, VmiError
+from vmishell.limits import Limits
+from vmishell.os.linux.layout import TaskLayout
+from vmishell.os.linux.reader import KernelReader, decode_guest_string
+
+PF_KTHREAD = 0x00200000
+
+_STATE_LETTERS = (
+    (0x0001, "S"),
+    (0x0002, "D"),
+    (0x0004, "T"),
+    (0x0008, "t"),
+    (0x0080, "X"),
+    (0x0200, "P"),
+)
+
+
+def state_letter(state: int, exit_state: int) -> str:
+    """The `ps` letter of a task's state (`I` for idle kernel threads)."""
+    if exit_state & 0x0020:
+        return "Z"
+    if exit_state & 0x0010:
+        return "X"
+    if state == 0:
+        return "R"
+    if state & 0x0402 == 0x0402:
+        return "I"
+    for bit, letter in _STATE_LETTERS:
+        if state & bit:
+            return letter
+    return "?"
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One task (thread) as the guest kernel describes it."""
+
+    address: int
+    pid: int
+    tgid: int
+    ppid: int
+    comm: str
+    state: str
+    uid: int
+    gid: int
+    start_time: int
+    kernel_thread: bool
+    mm: int
+    active_mm: int
+    error: str | None = None
+
+    @property
+    def is_thread_group_leader(self) -> bool:
+        return self.pid == self.tgid
+
+
+class TaskWalker:
+    """Decodes task_structs with offsets computed once."""
+
+    def __init__(self, reader: KernelReader, layout: TaskLayout, limits: Limits) -> None:
+        self.reader = reader
+        self.t = layout
+        self.limits = limits
+        ptr = "Q" if reader.pointer_size == 8 else "I"
+        self._ptr = struct.Struct("<" + ptr)
+        self._span = self._field_span()
+
+    def _field_span(self) -> int:
+        t = self.t
+        offsets = [t.tasks, t.pid, t.tgid, t.comm + t.comm_size, t.mm, t.active_mm]
+        offsets += [t.real_parent, t.flags]
+        offsets += [o for o in (t.state, t.exit_state, t.real_cred, t.cred, t.start_time) if o]
+        return max(offsets) + 16
+
+    def decode(self, address: int) -> Task:
+        """One task_struct at `address`; unreadable fields give a row with `error`."""
+        t, r = self.t, self.reader
+        try:
+            raw = r.read(address, self._span)
+        except VmiError as exc:
+            return Task(address, -1, -1, -1, "", "?", -1, -1, 0, False, 0, 0, str(exc))
+        ptr = self._ptr.unpack_from
+
+        def s32(off: int) -> int:
+            return int.from_bytes(raw[off : off + 4], "little", signed=True)
+
+        def u(off: int | None, size: int) -> int:
+            return 0 if off is None else int.from_bytes(raw[off : off + size], "little")
+
+        pid, tgid = s32(t.pid), s32(t.tgid)
+        comm = decode_guest_string(raw[t.comm : t.comm + t.comm_size].split(b"\0")[0])
+        flags = u(t.flags, 4)
+        mm = ptr(raw, t.mm)[0]
+        active_mm = ptr(raw, t.active_mm)[0]
+        state = state_letter(u(t.state, 4), u(t.exit_state, 4))
+        start = u(t.start_time, 8)
+        errors = []
+        try:
+            parent = ptr(raw, t.real_parent)[0]
+            ppid = 0 if parent == address else r.s32(parent + t.tgid)
+        except VmiError as exc:
+            ppid, errors = -1, [f"real_parent: {exc}"]
+        uid = gid = -1
+        cred_off = t.real_cred if t.real_cred is not None else t.cred
+        if cred_off is not None:
+            try:
+                cred = ptr(raw, cred_off)[0]
+                uid, gid = r.u32(cred + t.cred_uid), r.u32(cred + t.cred_gid)
+            except VmiError as exc:
+                errors.append(f"cred: {exc}")
+        if pid < 0 or tgid < 0:
+            errors.append(f"implausible pid {pid} / tgid {tgid}")
+        return Task(
+            address=address,
+            pid=pid,
+            tgid=tgid,
+            ppid=ppid,
+            comm=comm,
+            state=state,
+            uid=uid,
+            gid=gid,
+            start_time=start,
+            kernel_thread=bool(flags & PF_KTHREAD),
+            mm=mm,
+            active_mm=active_mm,
+            error="; ".join(errors) or None,
+        )
+
+    def leaders(self, init_task: int) -> Iterator[int]:
+        """Addresses of every thread-group leader, init_task (pid 0) first."""
+        yield init_task
+        yield from self.reader.walk_list(
+            init_task + self.t.tasks, self.t.tasks, self.limits.max_tasks, "init_task.tasks"
+        )
+
+    def threads(self, leader: int) -> Iterator[int]:
+        """Addresses of a leader's other threads."""
+        t = self.t
+        if t.thread_group is not None:
+            yield from self.reader.walk_list(
+                leader + t.thread_group,
+                t.thread_group,
+                self.limits.max_threads_per_process,
+                f"thread_group of task {leader:#x}",
+            )
+            return
+        if t.signal is None or t.signal_thread_head is None or t.thread_node is None:
+            return
+        signal = self.reader.pointer(leader + t.signal)
+        for task in self.reader.walk_list(
+            signal + t.signal_thread_head,
+            t.thread_node,
+            self.limits.max_threads_per_process,
+            f"signal.thread_head of task {leader:#x}",
+        ):
+            if task != leader:
+                yield task
+
+    def all_tasks(self, init_task: int) -> list[Task]:
+        """Every task; a broken thread list marks its leader instead of failing the walk."""
+        out: list[Task] = []
+        seen: set[int] = set()
+        for leader in self.leaders(init_task):
+            task = self.decode(leader)
+            thread_error = None
+            threads: list[Task] = []
+            if leader != init_task and task.error is None:
+                try:
+                    for addr in self.threads(leader):
+                        if addr not in seen:
+                            seen.add(addr)
+                            threads.append(self.decode(addr))
+                        if len(out) + len(threads) > self.limits.max_tasks:
+                            raise GuestDataError(f"more than {self.limits.max_tasks} tasks")
+                except GuestDataError as exc:
+                    thread_error = str(exc)
+            if thread_error:
+                task = _with_error(task, thread_error)
+            seen.add(leader)
+            out.append(task)
+            out.extend(threads)
+        return out
+
+
+def _with_error(task: Task, error: str) -> Task:
+    from dataclasses import replace
+
+    return replace(task, error=f"{task.error}; {error}" if task.error else error)

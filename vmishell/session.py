@@ -1,0 +1,284 @@
+"""The plain Python API every front end uses: attach, list processes, read memory.
+
+A Session joins a memory source, a kernel profile and the Linux layer. It
+returns data (DataFrames, dataclasses, bytes) and never prints, so the same
+calls serve the IPython magics, widgets, the command line and scripts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmishell.arch import AddressSpace, Mapping, Translation, Translator, Walk
+from vmishell.errors import GuestDataError, SourceError, VmiError
+from vmishell.limits import Limits
+from vmishell.os.linux.guest import LinuxGuest
+from vmishell.os.linux.tasks import Task
+from vmishell.os.linux.vmas import Vma
+from vmishell.sources import open_image
+from vmishell.sources.base import PhysicalSource
+from vmishell.symbols.finder import find_profile
+from vmishell.symbols.profile import Profile, load_profile
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PROCESS_COLUMNS = [
+    "pid", "tgid", "ppid", "comm", "state", "uid", "gid", "start_time",
+    "kernel_thread", "dtb", "task", "cmdline", "error",
+]  # fmt: skip
+MAPS_COLUMNS = ["start", "end", "perms", "offset", "device", "inode", "path", "size", "error"]
+
+
+class Process:
+    """One process (or the kernel, pid 0) and its own view of virtual memory."""
+
+    def __init__(self, session: Session, task: Task | None, dtb: int) -> None:
+        self.session = session
+        self.task = task
+        self.pid = task.pid if task else 0
+        self.dtb = dtb
+        self.translator = Translator(session.source, dtb, session.guest.location.mode)
+        self.space = AddressSpace(self.translator)
+
+    @property
+    def comm(self) -> str:
+        return self.task.comm if self.task else "kernel"
+
+    def read(self, vaddr: int, size: int, *, pad: bool = False) -> bytes:
+        if size > self.session.limits.max_read:
+            raise VmiError(
+                f"read of {size} bytes is over the session limit of {self.session.limits.max_read}"
+            )
+        return self.space.read(vaddr, size, pad=pad)
+
+    def translate(self, vaddr: int) -> Translation:
+        return self.translator.translate(vaddr)
+
+    def walk(self, vaddr: int) -> Walk:
+        return self.translator.walk(vaddr)
+
+    def mappings(self, start: int = 0, end: int | None = None) -> Iterator[Mapping]:
+        return self.translator.mappings(start, end)
+
+    def vmas(self) -> list[Vma]:
+        if self.task is None:
+            return []
+        return self.session.guest.vmas(self.task)
+
+    def maps(self) -> pd.DataFrame:
+        """The memory map, like /proc/<pid>/maps, as a DataFrame."""
+        import pandas as pd
+
+        rows = [
+            (v.start, v.end, v.perms, v.offset, v.device, v.inode, v.path, v.size, v.error)
+            for v in self.vmas()
+        ]
+        return pd.DataFrame(rows, columns=MAPS_COLUMNS)
+
+    def cmdline(self) -> list[str] | None:
+        if self.task is None:
+            return None
+        return self.session.guest.cmdline(self.task, self.space)
+
+    def __repr__(self) -> str:
+        return f"<Process pid={self.pid} comm={self.comm!r} dtb={self.dtb:#x}>"
+
+
+class Session:
+    """One attached target: a live guest or an image, with its kernel found."""
+
+    def __init__(
+        self,
+        source: PhysicalSource,
+        profile: Profile | str | os.PathLike[str] | None = None,
+        *,
+        limits: Limits | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.source = source
+        self.limits = limits or Limits()
+        self.name = name or source.description
+        try:
+            if profile is None:
+                profile = find_profile(source, limits=self.limits)
+            elif not isinstance(profile, Profile):
+                profile = load_profile(Path(profile))
+            self.profile = profile
+            self.guest = LinuxGuest(source, profile, self.limits)
+        except BaseException:
+            source.close()
+            raise
+
+    # -- attaching ----------------------------------------------------------------
+    @classmethod
+    def image(cls, path: str | os.PathLike[str], **kwargs: object) -> Session:
+        """A memory image: raw, QEMU ELF core or LiME."""
+        return cls(open_image(path), name=str(path), **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def qemu(
+        cls,
+        ram_path: str | os.PathLike[str],
+        qmp_path: str | os.PathLike[str] | None = None,
+        *,
+        machine: str = "q35",
+        writable: bool = False,
+        **kwargs: object,
+    ) -> Session:
+        """A running QEMU guest through its shared RAM file (and QMP socket)."""
+        from vmishell.sources.files import QemuRamSource
+
+        source = QemuRamSource(ram_path, qmp_path, machine=machine, writable=writable)
+        return cls(source, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def lab(cls, name: str, **kwargs: object) -> Session:
+        """A running lab guest, by its instance name."""
+        from vmishell.lab.runner import attach
+
+        guest = attach(name)
+        return cls.qemu(
+            guest.ram_path,
+            guest.qmp_path,
+            machine=guest.guest.machine,
+            name=f"lab:{name}",
+            **kwargs,
+        )
+
+    @classmethod
+    def attach(cls, target: str | os.PathLike[str], **kwargs: object) -> Session:
+        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, or an image path."""
+        text = os.fspath(target)
+        if text.startswith("lab:"):
+            return cls.lab(text[4:], **kwargs)
+        if text.startswith("qemu:"):
+            ram, _, qmp = text[5:].partition(",")
+            return cls.qemu(ram, qmp or None, **kwargs)
+        if Path(text).exists():
+            return cls.image(text, **kwargs)
+        try:
+            return cls.lab(text, **kwargs)
+        except VmiError:
+            raise SourceError(
+                f"{text!r} is neither a file nor a running lab guest "
+                "(use lab:NAME, qemu:RAMFILE[,QMPSOCKET] or an image path)"
+            ) from None
+
+    # -- the guest's processes ----------------------------------------------------------
+    def tasks(self) -> list[Task]:
+        return self.guest.tasks()
+
+    def processes(self, *, threads: bool = True, cmdline: bool = True) -> pd.DataFrame:
+        """Every task as a DataFrame (one row per thread unless `threads=False`)."""
+        import pandas as pd
+
+        rows = []
+        dtbs: dict[int, int | None] = {}
+        for task in self.tasks():
+            if not threads and not task.is_thread_group_leader:
+                continue
+            error = task.error
+            dtb = None
+            mm = task.mm or task.active_mm
+            if task.error is None:
+                if mm in dtbs:
+                    dtb = dtbs[mm]
+                else:
+                    try:
+                        dtb = self.guest.dtb_of(task)
+                    except VmiError as exc:
+                        error = str(exc)
+                    dtbs[mm] = dtb
+            args = None
+            if cmdline and task.mm and dtb is not None and task.is_thread_group_leader:
+                try:
+                    args = self.guest.cmdline(task, self._space(dtb))
+                except VmiError as exc:
+                    error = f"{error}; cmdline: {exc}" if error else f"cmdline: {exc}"
+            rows.append(
+                (
+                    task.pid,
+                    task.tgid,
+                    task.ppid,
+                    task.comm,
+                    task.state,
+                    task.uid,
+                    task.gid,
+                    task.start_time / 1e9,
+                    task.kernel_thread,
+                    dtb,
+                    task.address,
+                    " ".join(args) if args is not None else None,
+                    error,
+                )
+            )
+        return pd.DataFrame(rows, columns=PROCESS_COLUMNS)
+
+    def _space(self, dtb: int) -> AddressSpace:
+        return self.guest.address_space(dtb)
+
+    def process(self, pid: int) -> Process:
+        """A process by pid; pid 0 is the kernel's own address space."""
+        if pid == 0:
+            return Process(self, None, self.guest.location.dtb)
+        for task in self.tasks():
+            if task.pid == pid:
+                if task.error:
+                    raise GuestDataError(
+                        f"pid {pid}: task at {task.address:#x} is corrupt: {task.error}"
+                    )
+                return Process(self, task, self.guest.dtb_of(task))
+        raise GuestDataError(f"no process with pid {pid} in {self.name}")
+
+    @property
+    def kernel(self) -> Process:
+        return self.process(0)
+
+    def symbol(self, name: str) -> int:
+        """Run-time virtual address of a kernel symbol (KASLR applied)."""
+        return self.guest.symbol(name)
+
+    # -- live guests ------------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        return self.source.live
+
+    def refresh(self) -> None:
+        """Drop cached views of a live guest so the next read sees it as it is now."""
+        self.source.refresh()
+
+    @contextmanager
+    def paused(self) -> Iterator[Session]:
+        """Stop a live guest for a consistent view, resuming it afterwards."""
+        pause = getattr(self.source, "paused", None)
+        if pause is None:
+            if self.source.live:
+                raise SourceError(f"{self.source.description} cannot be paused")
+            yield self
+            return
+        with pause():
+            yield self
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        loc = self.guest.location
+        return (
+            f"<Session {self.name}: {self.profile.name}, {loc.arch} {loc.mode.name}, "
+            f"KASLR {loc.virtual_shift:#x}>"
+        )
+
+
+__all__ = ["Process", "Session"]
