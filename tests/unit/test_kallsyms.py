@@ -1,0 +1,352 @@
+"""kallsyms recovery: synthetic tables in every layout, and the real Debian amd64 kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vmishell.errors import ProfileError
+from vmishell.symbols.kallsyms import find_kallsyms
+from vmishell.symbols.sysmap import Symbol
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SYMBOLS_FIXTURE = DATA / "amd64-6.1-symbols.json"
+
+
+# -- a small scripts/kallsyms.c ---------------------------------------------------------
+
+
+def _align(buf: bytearray, a: int) -> None:
+    buf += b"\0" * (-len(buf) % a)
+
+
+def make_symbols(ptr: int = 8, count: int = 700, percpu: bool = False) -> list[Symbol]:
+    """Sorted symbols with digits in their names, mixed types, one very long name."""
+    base = 0xFFFFFFFF81000000 if ptr == 8 else 0xC1000000
+    words = ["init", "task", "sched", "page", "alloc", "irq", "net", "vfs", "read", "write"]
+    types = "TtTtDdBbRrW"
+    syms = []
+    if percpu:
+        syms += [Symbol("fixed_percpu_data", "A", 0), Symbol("__per_cpu_start", "A", 0),
+                 Symbol("cpu_number", "A", 0x1000), Symbol("runqueues", "A", 0x2C000)]  # fmt: skip
+    syms.append(Symbol("_text", "T", base))
+    addr = base
+    for i in range(count):
+        addr += 16 + (i * 37) % 700
+        name = f"{words[i % 10]}_{words[(i * 7) % 10]}{i}"
+        syms.append(Symbol(name, types[i % len(types)], addr))
+    addr += 64
+    syms.append(Symbol("long_" + "".join(chr(97 + (i * 5) % 26) for i in range(190)), "t", addr))
+    syms.append(Symbol("init_task", "D", addr + 0x1000))
+    syms.append(Symbol("linux_banner", "D", addr + 0x2000))
+    syms.append(Symbol("_end", "B", addr + 0x3000))
+    return syms
+
+
+def _tokens(strings: list[bytes]) -> tuple[list[bytes], dict[bytes, int]]:
+    """Single characters keep their own code; free codes get the commonest bigrams."""
+    used = {c for s in strings for c in s}
+    free = [c for c in range(256) if c not in used]
+    bigrams = Counter(s[i : i + 2] for s in strings for i in range(len(s) - 1))
+    best = sorted(bigrams, key=lambda b: (-bigrams[b], b))[: len(free)]
+    table = [bytes([c]) if c in used else b"" for c in range(256)]
+    codes: dict[bytes, int] = {}
+    for code, big in zip(free, best, strict=False):
+        table[code], codes[big] = big, code
+    for code in free[len(best) :]:
+        table[code] = b"~" + bytes([48 + code % 10])  # never used, like a real table's tail
+    return table, codes
+
+
+def _compress(s: bytes, codes: dict[bytes, int]) -> bytes:
+    if len(s) > 150:  # leave one name uncompressed: its length needs two bytes
+        return s
+    out, i = bytearray(), 0
+    while i < len(s):
+        code = codes.get(s[i : i + 2])
+        if code is not None:
+            out.append(code)
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return bytes(out)
+
+
+def build_tables(
+    syms: list[Symbol],
+    *,
+    ptr: int = 8,
+    layout: str = "6.1",
+    mode: str = "relative",
+    markers_width: int | None = None,
+    seqs: bool = False,
+) -> bytes:
+    """The kallsyms tables as scripts/kallsyms.c lays them out.
+
+    layout "6.1": offsets, relative_base, num_syms, names, markers, [seqs], tokens, index;
+    layout "6.4": num_syms, names, markers, seqs, tokens, index, offsets, relative_base.
+    mode: "relative", "percpu" (KALLSYMS_ABSOLUTE_PERCPU) or "absolute" (kallsyms_addresses).
+    """
+    pfmt = "<Q" if ptr == 8 else "<I"
+    mw = markers_width or ptr
+    strings = [(s.type + s.name).encode() for s in syms]
+    table, codes = _tokens(strings)
+    names, markers = bytearray(), []
+    for i, string in enumerate(strings):
+        if i % 256 == 0:
+            markers.append(len(names))
+        enc = _compress(string, codes)
+        if len(enc) > 127:
+            names += bytes([0x80 | (len(enc) & 0x7F), len(enc) >> 7])
+        else:
+            names.append(len(enc))
+        names += enc
+
+    kernel = [s.address for s in syms if not (mode == "percpu" and s.type == "A")]
+    rel_base = min(kernel)
+    offsets = bytearray()
+    for s in syms:
+        if mode == "percpu":
+            value = s.address if s.type == "A" else rel_base - s.address - 1
+        else:
+            value = s.address - rel_base
+        offsets += struct.pack("<i" if value < 0 else "<I", value)
+
+    def addresses_part(buf: bytearray) -> None:
+        _align(buf, ptr)
+        if mode == "absolute":
+            for s in syms:
+                buf += struct.pack(pfmt, s.address)
+            return
+        buf += offsets
+        _align(buf, ptr)
+        buf += struct.pack(pfmt, rel_base)
+
+    def names_part(buf: bytearray) -> None:
+        _align(buf, ptr)
+        buf += struct.pack("<I", len(syms))
+        _align(buf, ptr)
+        buf += names
+        _align(buf, ptr)
+        for m in markers:
+            buf += struct.pack("<I" if mw == 4 else pfmt, m)
+        if seqs or layout != "6.1":
+            _align(buf, ptr)
+            order = sorted(range(len(syms)), key=lambda i: strings[i][1:])
+            for i in order:
+                buf += bytes([(i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
+
+    def tokens_part(buf: bytearray) -> None:
+        _align(buf, ptr)
+        index, off = [], 0
+        for tok in table:
+            index.append(off)
+            buf += tok + b"\0"
+            off += len(tok) + 1
+        _align(buf, ptr)
+        buf += struct.pack("<256H", *index)
+
+    buf = bytearray()
+    if layout == "6.1":
+        addresses_part(buf)
+        names_part(buf)
+        tokens_part(buf)
+    else:
+        names_part(buf)
+        tokens_part(buf)
+        addresses_part(buf)
+    return bytes(buf)
+
+
+def embed(tables: bytes, decoy: bool = True) -> bytes:
+    """Tables inside other data, with a false "0\\01\\0..9\\0" match before them."""
+    head = bytearray(bytes(range(256)) * 64)
+    if decoy:
+        head += b"".join(bytes([c, 0]) for c in b"0123456789") + b"noise\0" * 20
+    _align(head, 16)
+    return bytes(head) + tables + bytes(reversed(range(256))) * 16
+
+
+def _check(found, syms: list[Symbol]) -> None:
+    assert [tuple(s) for s in found.symbols] == [tuple(s) for s in syms]
+    assert found["init_task"] == next(s.address for s in syms if s.name == "init_task")
+
+
+# -- synthetic layouts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ptr", "layout", "mode", "markers_width", "seqs"),
+    [
+        (8, "6.1", "percpu", 8, False),  # x86_64 up to 6.1 upstream
+        (8, "6.1", "percpu", 4, True),  # Debian's 6.1.1xx: u32 markers, seqs_of_names
+        (8, "6.1", "relative", 8, False),  # arm64
+        (8, "6.1", "relative", 8, True),  # 6.2/6.3: pointer-size markers, seqs_of_names
+        (4, "6.1", "relative", 4, False),  # i386 686(-pae)
+        (4, "6.1", "absolute", 4, False),  # without KALLSYMS_BASE_RELATIVE
+        (8, "6.1", "absolute", 8, False),
+        (8, "6.4", "relative", 4, True),  # offsets after token_index
+        (8, "6.4", "percpu", 4, True),
+        (4, "6.4", "relative", 4, True),
+    ],
+)
+def test_synthetic_layouts(
+    ptr: int, layout: str, mode: str, markers_width: int, seqs: bool
+) -> None:
+    syms = make_symbols(ptr, percpu=mode == "percpu")
+    tables = build_tables(syms, ptr=ptr, layout=layout, mode=mode, markers_width=markers_width,
+                          seqs=seqs)  # fmt: skip
+    found = find_kallsyms(embed(tables), pointer_size=ptr)
+    _check(found, syms)
+    assert found.layout.base_relative == (mode != "absolute")
+    assert found.layout.absolute_percpu == (mode == "percpu")
+    assert (found.layout.seqs_of_names is not None) == (seqs or layout != "6.1")
+
+
+def test_few_symbols_single_marker() -> None:
+    syms = make_symbols(8, count=40)
+    found = find_kallsyms(embed(build_tables(syms, mode="relative")), pointer_size=8)
+    _check(found, syms)
+
+
+def test_long_name_uses_two_length_bytes() -> None:
+    syms = make_symbols(8)
+    found = find_kallsyms(embed(build_tables(syms)), pointer_size=8)
+    long = [s for s in found.symbols if s.name.startswith("long_")]
+    assert len(long) == 1 and len(long[0].name) == 195
+
+
+def test_duplicates_keep_global_then_first() -> None:
+    syms = make_symbols(8, count=30)
+    last = syms[-1].address
+    syms += [
+        Symbol("dup", "t", last + 16),
+        Symbol("dup", "T", last + 32),
+        Symbol("dup", "t", last + 48),
+    ]
+    found = find_kallsyms(embed(build_tables(syms)), pointer_size=8)
+    assert [s.address for s in found.symbols if s.name == "dup"] == [
+        last + 16,
+        last + 32,
+        last + 48,
+    ]
+    assert found["dup"] == last + 32 and found.types["dup"] == "T"
+
+
+def test_arm64_relative_base_from_rela() -> None:
+    """arm64 Images store 0 for kallsyms_relative_base; a RELA entry holds the value."""
+    syms = make_symbols(8)
+    rel_base = syms[0].address
+    tables = build_tables(syms, mode="relative")
+    image = bytearray(embed(tables))
+    slot = image.find(struct.pack("<Q", rel_base))
+    image[slot : slot + 8] = bytes(8)
+    base = 0xFFFFFFFF80F00000  # link address of the image's first byte
+    decoy = base + 0x10000  # less aligned: loses
+    image += struct.pack("<QQQ", decoy + slot, 1027, decoy + 0x5000)
+    image += struct.pack("<QQQ", base + slot, 1027, rel_base)
+    image += struct.pack("<QQQ", base + 0x40, 1027, base + 0x9000)  # another slot
+    found = find_kallsyms(bytes(image), pointer_size=8)
+    _check(found, syms)
+    assert found.image_base == base
+    image[-72:] = bytes(72)
+    with pytest.raises(ProfileError, match="relocates it at boot"):
+        find_kallsyms(bytes(image), pointer_size=8)
+
+
+def test_no_tables() -> None:
+    data = bytes(range(256)) * 100 + b"".join(bytes([c, 0]) for c in b"0123456789") * 3
+    with pytest.raises(ProfileError, match="no kallsyms tables"):
+        find_kallsyms(data)
+
+
+def test_missing_data_symbols_reported() -> None:
+    syms = [s for s in make_symbols(8, count=300) if s.type in "Tt"]
+    found = find_kallsyms(embed(build_tables(syms)), pointer_size=8)
+    assert found.missing() == ["init_task", "init_mm", "linux_banner"]
+
+
+# -- the real Debian amd64 kernel ----------------------------------------------------------
+
+
+def _find_kernel_deb() -> Path | None:
+    env = os.environ.get("VMISHELL_KERNEL_DEB")
+    if env:
+        return Path(env)
+    from vmishell.lab.paths import cache_root
+
+    debs = sorted((cache_root() / "debs" / "amd64").glob("linux-image-*-amd64_*_amd64.deb"))
+    debs = [d for d in debs if "-dbg_" not in d.name and "cloud" not in d.name]
+    return debs[-1] if debs else None
+
+
+@pytest.fixture(scope="module")
+def kernel_deb() -> Path:
+    """Debian's amd64 kernel package: $VMISHELL_KERNEL_DEB, else the lab's download cache."""
+    path = _find_kernel_deb()
+    if path is None or not path.is_file():
+        reason = (
+            "no Debian amd64 kernel .deb: set VMISHELL_KERNEL_DEB (apt-get download "
+            "linux-image-6.1.0-57-amd64) or run `vmishell lab build` first"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real(kernel_deb: Path):
+    from vmishell.symbols.kimage import open_kernel
+
+    image = open_kernel(kernel_deb)
+    return image, image.kallsyms()
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return json.loads(SYMBOLS_FIXTURE.read_text())
+
+
+def _same_build(image, expected: dict) -> None:
+    src = expected["_source"]
+    if (image.package, image.package_version) != (src["package"], src["version"]):
+        pytest.skip(f"fixture is for {src['package']} {src['version']}, the .deb is "
+                    f"{image.package} {image.package_version}")  # fmt: skip
+
+
+def test_real_kallsyms_match_system_map_fixture(real, expected: dict) -> None:
+    image, ksyms = real
+    _same_build(image, expected)
+    wrong = {
+        name: (hex(ksyms.get(name) or 0), want["address"])
+        for name, want in expected["symbols"].items()
+        if ksyms.get(name) != int(want["address"], 16)
+        or ksyms.types[name] != want.get("kallsyms_type", want["type"])
+    }
+    assert not wrong
+    assert not [n for n in expected["absent"] if n in ksyms]
+
+
+def test_real_kallsyms_count_close_to_system_map(real, expected: dict) -> None:
+    image, ksyms = real
+    _same_build(image, expected)
+    in_map = expected["counts"]["system_map"]
+    # System.map also lists the kallsyms tables themselves and a few absolute symbols.
+    assert in_map - 50 <= len(ksyms) <= in_map
+    assert ksyms.layout.absolute_percpu and ksyms.layout.base_relative
+
+
+def test_real_kallsyms_any_version(real) -> None:
+    _image, ksyms = real
+    assert len(ksyms) > 50_000
+    assert not ksyms.missing()
+    assert ksyms["_text"] == 0xFFFFFFFF81000000
+    addresses = [s.address for s in ksyms.symbols]
+    assert addresses == sorted(addresses)
