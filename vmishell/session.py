@@ -27,6 +27,8 @@ from vmishell.symbols.profile import Profile, load_profile
 if TYPE_CHECKING:
     import pandas as pd
 
+ProfileArg = Profile | str | os.PathLike[str] | None
+
 PROCESS_COLUMNS = [
     "pid", "tgid", "ppid", "comm", "state", "uid", "gid", "start_time",
     "kernel_thread", "dtb", "task", "cmdline", "error",
@@ -95,7 +97,7 @@ class Session:
     def __init__(
         self,
         source: PhysicalSource,
-        profile: Profile | str | os.PathLike[str] | None = None,
+        profile: ProfileArg = None,
         *,
         limits: Limits | None = None,
         name: str | None = None,
@@ -116,9 +118,15 @@ class Session:
 
     # -- attaching ----------------------------------------------------------------
     @classmethod
-    def image(cls, path: str | os.PathLike[str], **kwargs: object) -> Session:
+    def image(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        profile: ProfileArg = None,
+        limits: Limits | None = None,
+    ) -> Session:
         """A memory image: raw, QEMU ELF core or LiME."""
-        return cls(open_image(path), name=str(path), **kwargs)  # type: ignore[arg-type]
+        return cls(open_image(path), profile, limits=limits, name=str(path))
 
     @classmethod
     def qemu(
@@ -128,16 +136,25 @@ class Session:
         *,
         machine: str = "q35",
         writable: bool = False,
-        **kwargs: object,
+        profile: ProfileArg = None,
+        limits: Limits | None = None,
+        name: str | None = None,
     ) -> Session:
         """A running QEMU guest through its shared RAM file (and QMP socket)."""
         from vmishell.sources.files import QemuRamSource
 
         source = QemuRamSource(ram_path, qmp_path, machine=machine, writable=writable)
-        return cls(source, **kwargs)  # type: ignore[arg-type]
+        return cls(source, profile, limits=limits, name=name or f"qemu:{ram_path}")
 
     @classmethod
-    def lab(cls, name: str, **kwargs: object) -> Session:
+    def lab(
+        cls,
+        name: str,
+        *,
+        profile: ProfileArg = None,
+        limits: Limits | None = None,
+        writable: bool = False,
+    ) -> Session:
         """A running lab guest, by its instance name."""
         from vmishell.lab.runner import attach
 
@@ -146,23 +163,31 @@ class Session:
             guest.ram_path,
             guest.qmp_path,
             machine=guest.guest.machine,
+            writable=writable,
+            profile=profile,
+            limits=limits,
             name=f"lab:{name}",
-            **kwargs,
         )
 
     @classmethod
-    def attach(cls, target: str | os.PathLike[str], **kwargs: object) -> Session:
+    def attach(
+        cls,
+        target: str | os.PathLike[str],
+        *,
+        profile: ProfileArg = None,
+        limits: Limits | None = None,
+    ) -> Session:
         """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, or an image path."""
         text = os.fspath(target)
         if text.startswith("lab:"):
-            return cls.lab(text[4:], **kwargs)
+            return cls.lab(text[4:], profile=profile, limits=limits)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
-            return cls.qemu(ram, qmp or None, **kwargs)
+            return cls.qemu(ram, qmp or None, profile=profile, limits=limits)
         if Path(text).exists():
-            return cls.image(text, **kwargs)
+            return cls.image(text, profile=profile, limits=limits)
         try:
-            return cls.lab(text, **kwargs)
+            return cls.lab(text, profile=profile, limits=limits)
         except VmiError:
             raise SourceError(
                 f"{text!r} is neither a file nor a running lab guest "
@@ -184,7 +209,7 @@ class Session:
                 continue
             error = task.error
             dtb = None
-            mm = task.mm or task.active_mm
+            mm = task.mm
             if task.error is None:
                 if mm in dtbs:
                     dtb = dtbs[mm]

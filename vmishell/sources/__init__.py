@@ -35,7 +35,7 @@ def open_image(path: str | os.PathLike[str]) -> PhysicalSource:
         return ElfCoreSource(p)
     if magic == b"EMiL":
         try:
-            from vmishell.sources.lime import LimeSource  # type: ignore[import-not-found]
+            from vmishell.sources.lime import LimeSource  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             raise SourceError(f"{p} is a LiME image, which this version cannot read") from None
         return LimeSource(p)

@@ -119,44 +119,39 @@ class QemuRamSource(MappedFileSource):
             kind="live RAM file",
         )
         self.qmp_path = Path(qmp_path) if qmp_path else None
-        self._qmp: QmpClient | None = None
 
-    @property
-    def qmp(self) -> QmpClient:
+    def _qmp(self) -> QmpClient:
+        """A short-lived QMP connection: QEMU serves one client at a time, so
+        vmishell never keeps the socket from other tools between calls."""
         if self.qmp_path is None:
             raise SourceError(
                 f"{self.description} has no QMP socket: registers and pausing need one"
             )
-        if self._qmp is None:
-            from vmishell.sources.qmp import QmpClient
+        from vmishell.sources.qmp import QmpClient
 
-            self._qmp = QmpClient(self.qmp_path)
-        return self._qmp
+        return QmpClient(self.qmp_path)
 
     def registers(self) -> Registers:
         if self.qmp_path is None:
             return super().registers()
-        return self.qmp.registers()
+        with self._qmp() as qmp:
+            return qmp.registers()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Stop the guest for a consistent view; resume it only if it was running."""
-        was_running = self.qmp.running()
-        if was_running:
-            self.qmp.stop()
+        with self._qmp() as qmp:
+            was_running = qmp.running()
+            if was_running:
+                qmp.stop()
         self.refresh()
         try:
             yield
         finally:
             if was_running:
-                self.qmp.cont()
+                with self._qmp() as qmp:
+                    qmp.cont()
             self.refresh()
-
-    def close(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-        super().close()
 
 
 def _file_size(path: str | os.PathLike[str]) -> int:

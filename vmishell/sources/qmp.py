@@ -69,6 +69,10 @@ def parse_x86_registers(text: str) -> Registers:
     )
 
 
+#: A QMP socket answers its greeting at once unless another client holds it.
+CONNECT_TIMEOUT = 5.0
+
+
 class QmpClient:
     """A blocking connection to one QEMU's QMP unix socket."""
 
@@ -82,7 +86,15 @@ class QmpClient:
         self._thread.start()
         self._client: QMPClient | None = None
         try:
-            self._client = self._run(self._connect(), timeout, "connect")
+            self._client = self._run(self._connect(), min(timeout, CONNECT_TIMEOUT), "connect")
+        except QmpError as exc:
+            self._stop_loop()
+            if "no reply" in str(exc):
+                raise QmpError(
+                    f"QMP {self.path} does not answer: QEMU serves one QMP client at a "
+                    "time, so another tool may hold it (or the guest hung)"
+                ) from None
+            raise
         except BaseException:
             self._stop_loop()
             raise

@@ -75,11 +75,15 @@ class LinuxGuest:
             raise GuestDataError(f"mm {mm:#x}: its pgd {pgd:#x} does not translate: {exc}") from exc
 
     def dtb_of(self, task: Task) -> int:
-        """A task's page-table base: its mm's, else its active_mm's, else the kernel's."""
-        mm = task.mm or task.active_mm
-        if not mm:
+        """A task's page-table base: its own mm's, or the kernel's for kernel threads.
+
+        A kernel thread has no mm; its active_mm is whichever user mm it last
+        borrowed, whose kernel half is the kernel's own, so the kernel's page
+        tables are the stable answer.
+        """
+        if not task.mm:
             return self.location.dtb
-        return self.pgd_physical(mm)
+        return self.pgd_physical(task.mm)
 
     def address_space(self, dtb: int) -> AddressSpace:
         return AddressSpace(Translator(self.source, dtb, self.location.mode))

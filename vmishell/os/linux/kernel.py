@@ -128,9 +128,10 @@ def _paging_mode(
             except VmiError:
                 pass
         return PagingMode.LEVEL4
-    for name in ("pteval_t", "pgdval_t", "pte_t"):
-        if profile.has_type(name):
-            return PagingMode.PAE if profile.size_of(name) == 8 else PagingMode.LEGACY
+    # ISF keeps no typedefs, but `struct pgprot` wraps one page-table entry's
+    # flags: 8 bytes under PAE, 4 with legacy 2-level paging.
+    if profile.has_type("pgprot"):
+        return PagingMode.PAE if profile.size_of("pgprot") == 8 else PagingMode.LEGACY
     return PagingMode.PAE
 
 

@@ -44,6 +44,8 @@ class TaskLayout:
     cred_uid: int
     cred_gid: int
     cred_euid: int | None
+    worker_private: int | None
+    kthread_full_name: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,10 @@ def task_layout(p: Profile) -> TaskLayout:
         cred_uid=uid,
         cred_gid=p.offset_of("cred", "gid"),
         cred_euid=_first_field(p, "cred", "euid"),
+        worker_private=_first_field(p, "task_struct", "worker_private"),
+        kthread_full_name=(
+            _first_field(p, "kthread", "full_name") if p.has_type("kthread") else None
+        ),
     )
 
 

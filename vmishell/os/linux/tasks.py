@@ -16,6 +16,7 @@ from vmishell.os.linux.layout import TaskLayout
 from vmishell.os.linux.reader import KernelReader, decode_guest_string
 
 PF_KTHREAD = 0x00200000
+PF_WQ_WORKER = 0x00000020
 
 _STATE_LETTERS = (
     (0x0001, "S"),
@@ -82,6 +83,7 @@ class TaskWalker:
         offsets = [t.tasks, t.pid, t.tgid, t.comm + t.comm_size, t.mm, t.active_mm]
         offsets += [t.real_parent, t.flags]
         offsets += [o for o in (t.state, t.exit_state, t.real_cred, t.cred, t.start_time) if o]
+        offsets += [o for o in (t.worker_private,) if o]
         return max(offsets) + 16
 
     def decode(self, address: int) -> Task:
@@ -100,8 +102,14 @@ class TaskWalker:
             return 0 if off is None else int.from_bytes(raw[off : off + size], "little")
 
         pid, tgid = s32(t.pid), s32(t.tgid)
-        comm = decode_guest_string(raw[t.comm : t.comm + t.comm_size].split(b"\0")[0])
+        comm_raw = raw[t.comm : t.comm + t.comm_size].split(b"\0")[0]
         flags = u(t.flags, 4)
+        # Like /proc/PID/comm: kernel threads by their full name, workqueue
+        # workers (which the guest decorates with their work) by comm.
+        truncated = len(comm_raw) == t.comm_size - 1
+        if flags & PF_KTHREAD and not flags & PF_WQ_WORKER and truncated:
+            comm_raw = self._kthread_full_name(raw) or comm_raw
+        comm = decode_guest_string(comm_raw)
         mm = ptr(raw, t.mm)[0]
         active_mm = ptr(raw, t.active_mm)[0]
         state = state_letter(u(t.state, 4), u(t.exit_state, 4))
@@ -137,6 +145,20 @@ class TaskWalker:
             active_mm=active_mm,
             error="; ".join(errors) or None,
         )
+
+    def _kthread_full_name(self, raw: bytes) -> bytes | None:
+        """A kernel thread's untruncated name (`struct kthread.full_name`, 5.17+)."""
+        t = self.t
+        if t.worker_private is None or t.kthread_full_name is None:
+            return None
+        try:
+            kthread = self._ptr.unpack_from(raw, t.worker_private)[0]
+            if not kthread:
+                return None
+            name = self.reader.pointer(kthread + t.kthread_full_name)
+            return self.reader.cstring(name, self.limits.max_string) if name else None
+        except VmiError:
+            return None
 
     def leaders(self, init_task: int) -> Iterator[int]:
         """Addresses of every thread-group leader, init_task (pid 0) first."""

@@ -83,7 +83,8 @@ class VmaWalker:
 
     def _linked_vmas(self, mm: int) -> Iterator[int]:
         assert self.mm.mmap is not None and self.v.vm_next is not None
-        node, seen = self.r.pointer(mm + self.mm.mmap), set()
+        node = self.r.pointer(mm + self.mm.mmap)
+        seen: set[int] = set()
         while node:
             if node in seen:
                 raise GuestDataError(f"VMA list of mm {mm:#x} loops at {node:#x}")
@@ -151,7 +152,7 @@ class VmaWalker:
     def _kernel_pointer(self, value: int) -> bool:
         """Whether a slot value can be a kernel object's address."""
         if self.r.pointer_size == 8:
-            return value >> 47 == 0x1FFFF and value & 7 == 0
+            return value >> 56 == 0xFF and value & 7 == 0  # kernel half, 4- or 5-level
         return value >= 0xC0000000 and value & 3 == 0
 
     def _slots(self, address: int, count: int) -> list[int]:
