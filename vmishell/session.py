@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,25 @@ PROCESS_COLUMNS = [
     "kernel_thread", "dtb", "task", "cmdline", "error",
 ]  # fmt: skip
 MAPS_COLUMNS = ["start", "end", "perms", "offset", "device", "inode", "path", "size", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRow:
+    """One row of the process table."""
+
+    pid: int
+    tgid: int
+    ppid: int
+    comm: str
+    state: str
+    uid: int
+    gid: int
+    start_time: float
+    kernel_thread: bool
+    dtb: int | None
+    task: int
+    cmdline: str | None
+    error: str | None
 
 
 class Process:
@@ -196,12 +216,13 @@ class Session:
 
     # -- the guest's processes ----------------------------------------------------------
     def tasks(self) -> list[Task]:
+        """Every task; on a live guest, as it is now (cached translations are dropped)."""
+        if self.source.live:
+            self.source.refresh()
         return self.guest.tasks()
 
-    def processes(self, *, threads: bool = True, cmdline: bool = True) -> pd.DataFrame:
-        """Every task as a DataFrame (one row per thread unless `threads=False`)."""
-        import pandas as pd
-
+    def process_rows(self, *, threads: bool = True, cmdline: bool = True) -> list[ProcessRow]:
+        """Every task as a row (the data behind `processes()`, without pandas)."""
         rows = []
         dtbs: dict[int, int | None] = {}
         for task in self.tasks():
@@ -209,16 +230,15 @@ class Session:
                 continue
             error = task.error
             dtb = None
-            mm = task.mm
             if task.error is None:
-                if mm in dtbs:
-                    dtb = dtbs[mm]
+                if task.mm in dtbs:
+                    dtb = dtbs[task.mm]
                 else:
                     try:
                         dtb = self.guest.dtb_of(task)
                     except VmiError as exc:
                         error = str(exc)
-                    dtbs[mm] = dtb
+                    dtbs[task.mm] = dtb
             args = None
             if cmdline and task.mm and dtb is not None and task.is_thread_group_leader:
                 try:
@@ -226,23 +246,33 @@ class Session:
                 except VmiError as exc:
                     error = f"{error}; cmdline: {exc}" if error else f"cmdline: {exc}"
             rows.append(
-                (
-                    task.pid,
-                    task.tgid,
-                    task.ppid,
-                    task.comm,
-                    task.state,
-                    task.uid,
-                    task.gid,
-                    task.start_time / 1e9,
-                    task.kernel_thread,
-                    dtb,
-                    task.address,
-                    " ".join(args) if args is not None else None,
-                    error,
+                ProcessRow(
+                    pid=task.pid,
+                    tgid=task.tgid,
+                    ppid=task.ppid,
+                    comm=task.comm,
+                    state=task.state,
+                    uid=task.uid,
+                    gid=task.gid,
+                    start_time=task.start_time / 1e9,
+                    kernel_thread=task.kernel_thread,
+                    dtb=dtb,
+                    task=task.address,
+                    cmdline=" ".join(args) if args is not None else None,
+                    error=error,
                 )
             )
-        return pd.DataFrame(rows, columns=PROCESS_COLUMNS)
+        return rows
+
+    def processes(self, *, threads: bool = True, cmdline: bool = True) -> pd.DataFrame:
+        """Every task as a DataFrame (one row per thread unless `threads=False`).
+
+        On a live guest each call looks at the guest as it is now.
+        """
+        import pandas as pd
+
+        rows = self.process_rows(threads=threads, cmdline=cmdline)
+        return pd.DataFrame([astuple(r) for r in rows], columns=PROCESS_COLUMNS)
 
     def _space(self, dtb: int) -> AddressSpace:
         return self.guest.address_space(dtb)

@@ -26,14 +26,20 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     with _session(args) as s:
-        df = s.processes(threads=args.threads)
-    cols = ["pid", "ppid", "tgid", "uid", "state", "comm", "cmdline"]
-    with pd.option_context("display.max_rows", None, "display.width", 200):
-        text = df[cols].fillna("").to_string(index=False)
-    print(safe_text(text))
+        rows = s.process_rows(threads=args.threads)
+    header = ("PID", "PPID", "TGID", "UID", "S", "COMM", "COMMAND")
+    table = [header] + [
+        (str(r.pid), str(r.ppid), str(r.tgid), str(r.uid), r.state, r.comm, r.cmdline or "")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        cells = [
+            c.rjust(w) if i < 4 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        print(safe_text(" ".join([*cells, row[-1]]).rstrip()))
     return 0
 
 

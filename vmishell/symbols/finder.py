@@ -9,13 +9,16 @@ kernel image could have been placed and `init_task` checks out beside it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
+from vmishell.os.linux.kernel import KernelHints, aligned_shifts, shifts_at
 from vmishell.sources.base import PhysicalSource
 from vmishell.symbols.profile import Profile, load_profile
 
@@ -47,9 +50,10 @@ def candidate_profiles(extra_dirs: list[Path] | None = None) -> Iterator[Path]:
                 yield path
 
 
-def banners_in(source: PhysicalSource, limit: int = 8) -> list[str]:
-    """Distinct `Linux version ...` texts in guest memory (for error messages)."""
-    found: list[str] = []
+def banners_in(source: PhysicalSource, limit: int = 8) -> list[tuple[int, str]]:
+    """(physical address, text) of distinct `Linux version ...` banners in memory."""
+    found: list[tuple[int, str]] = []
+    texts: set[str] = set()
     for paddr in source.find(b"Linux version "):
         try:
             text = source.read(paddr, min(420, source.size - paddr))
@@ -58,11 +62,61 @@ def banners_in(source: PhysicalSource, limit: int = 8) -> list[str]:
         m = _BANNER_RE.match(text)
         if m:
             banner = m.group(0).decode("ascii", "replace")
-            if banner not in found:
-                found.append(banner)
-                if len(found) >= limit:
-                    break
+            found.append((paddr, banner))
+            texts.add(banner)
+            if len(found) >= limit * 4 or len(texts) >= limit:
+                break
     return found
+
+
+class ProfileIndex:
+    """What finding a kernel needs from each profile, cached by file identity.
+
+    Choosing among many profiles then costs a few small reads of guest memory
+    per profile, not a profile load each.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_cache_dir() / "profile-index.json"
+        try:
+            self._entries: dict[str, dict[str, object]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+        self._dirty = False
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def hints(self, path: Path) -> KernelHints | None:
+        """The kernel hints of a profile file (None if it cannot locate a kernel)."""
+        key = self._key(path)
+        entry = self._entries.get(key)
+        if entry is None:
+            try:
+                entry = asdict(KernelHints.from_profile(load_profile(path)))
+                entry["banner"] = entry["banner"].decode("latin-1")  # type: ignore[union-attr]
+            except VmiError as exc:
+                entry = {"error": str(exc)}
+            self._entries[key] = entry
+            self._dirty = True
+        if "error" in entry:
+            return None
+        data = dict(entry)
+        data["banner"] = str(data["banner"]).encode("latin-1")
+        return KernelHints(**data)  # type: ignore[arg-type]
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._entries))
+            tmp.replace(self.path)
+        except OSError:
+            pass  # an index is an optimisation; never fail an attach over it
 
 
 def find_profile(
@@ -71,25 +125,28 @@ def find_profile(
     limits: Limits | None = None,
 ) -> Profile:
     """The profile whose kernel is in `source`; ProfileError says what was seen if none."""
-    from vmishell.os.linux.kernel import arch_of, banner_candidates
-
     limits = limits or Limits()
-    tried = []
+    index = ProfileIndex()
+    candidates: list[tuple[Path, KernelHints]] = []
     for path in candidate_profiles(extra_dirs):
-        try:
-            profile = load_profile(path)
-            if not profile.banner or not profile.has_symbol("linux_banner"):
-                continue
-            if banner_candidates(source, profile, limits, arch_of(profile)):
-                return profile
-        except VmiError:
-            continue
-        tried.append(path.name)
+        hints = index.hints(path)
+        if hints is not None:
+            candidates.append((path, hints))
+    index.save()
+    for path, hints in candidates:
+        if aligned_shifts(source, hints, limits):
+            return load_profile(path)
+    # No kernel on the 2 MiB grid: look for banners anywhere, once for all profiles.
     seen = banners_in(source)
-    what = "; ".join(repr(b) for b in seen[:3]) if seen else "no Linux banner at all"
+    for path, hints in candidates:
+        paddrs = [a for a, text in seen if text.encode("latin-1") == hints.banner]
+        if paddrs and shifts_at(source, hints, paddrs):
+            return load_profile(path)
+    texts = list(dict.fromkeys(text for _, text in seen))
+    what = "; ".join(repr(b) for b in texts[:3]) if texts else "no Linux banner at all"
     raise ProfileError(
         f"no profile matches the kernel in {source.description} (found {what}; tried "
-        f"{len(tried)} profiles). Build one from the guest's kernel package with "
+        f"{len(candidates)} profiles). Build one from the guest's kernel package with "
         "`vmishell profile build linux-image-<release>.deb` and put it in "
         "~/.local/share/vmishell/profiles or $VMISHELL_PROFILE_PATH"
     )

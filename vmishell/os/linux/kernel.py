@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmishell.arch import AddressSpace, PagingMode, Translator, mode_from_registers
-from vmishell.errors import GuestDataError, ProfileError, RegistersUnavailable, VmiError
+from vmishell.errors import GuestDataError, ProfileError, VmiError
 from vmishell.limits import Limits
 from vmishell.sources.base import PhysicalSource, Registers
 from vmishell.symbols.profile import Profile
@@ -51,67 +51,111 @@ class KernelLocation:
 
 
 def arch_of(profile: Profile) -> str:
-    if profile.pointer_size == 8:
+    return _arch(profile.pointer_size, profile.name)
+
+
+def _arch(pointer_size: int, name: str) -> str:
+    if pointer_size == 8:
         return "x86_64"
-    if profile.pointer_size == 4:
+    if pointer_size == 4:
         return "i386"
-    raise ProfileError(f"profile {profile.name}: pointer size {profile.pointer_size} is not x86")
+    raise ProfileError(f"profile {name}: pointer size {pointer_size} is not x86")
 
 
-def _banner(profile: Profile) -> bytes:
-    banner = profile.banner
-    if not banner:
-        raise ProfileError(
-            f"profile {profile.name} has no linux_banner text: rebuild it with "
-            "`vmishell profile build` so the kernel can be found in memory"
+@dataclass(frozen=True, slots=True)
+class KernelHints:
+    """The few facts from a profile that finding its kernel in memory needs.
+
+    Small enough to keep in an index, so choosing among many profiles never
+    loads them all.
+    """
+
+    name: str
+    arch: str
+    banner: bytes
+    linux_banner: int
+    init_task: int
+    comm_offset: int
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> KernelHints:
+        banner = profile.banner
+        if not banner:
+            raise ProfileError(
+                f"profile {profile.name} has no linux_banner text: rebuild it with "
+                "`vmishell profile build` so the kernel can be found in memory"
+            )
+        return cls(
+            name=profile.name,
+            arch=arch_of(profile),
+            banner=banner.rstrip(b"\0"),
+            linux_banner=profile.symbol_address("linux_banner"),
+            init_task=profile.symbol_address("init_task"),
+            comm_offset=profile.offset_of("task_struct", "comm"),
         )
-    return banner.rstrip(b"\0")
+
+    @property
+    def unshifted_banner(self) -> int:
+        """Physical address of linux_banner if the kernel were not relocated."""
+        return self.linux_banner - _link_base(self.arch)
+
+
+def _link_base(arch: str) -> int:
+    return X86_64_KERNEL_MAP if arch == "x86_64" else I386_PAGE_OFFSET
 
 
 def _kernel_phys(arch: str, link: int, physical_shift: int) -> int:
-    base = X86_64_KERNEL_MAP if arch == "x86_64" else I386_PAGE_OFFSET
-    return link - base + physical_shift
+    return link - _link_base(arch) + physical_shift
 
 
-def _comm_is_swapper(source: PhysicalSource, profile: Profile, arch: str, shift: int) -> bool:
-    init_task = profile.symbol_address("init_task")
-    comm = _kernel_phys(arch, init_task, shift) + profile.offset_of("task_struct", "comm")
+def _comm_is_swapper(source: PhysicalSource, hints: KernelHints, shift: int) -> bool:
+    comm = _kernel_phys(hints.arch, hints.init_task, shift) + hints.comm_offset
     try:
         return source.read(comm, 16).split(b"\0")[0] in (b"swapper/0", b"swapper")
     except VmiError:
         return False
 
 
-def banner_candidates(
-    source: PhysicalSource, profile: Profile, limits: Limits, arch: str
-) -> list[int]:
-    """Physical shifts at which the profile's banner and init_task both check out."""
-    banner = _banner(profile)
-    banner_link = profile.symbol_address("linux_banner")
-    base = X86_64_KERNEL_MAP if arch == "x86_64" else I386_PAGE_OFFSET
-    unshifted = banner_link - base
+def aligned_shifts(source: PhysicalSource, hints: KernelHints, limits: Limits) -> list[int]:
+    """Physical shifts, on KASLR's 2 MiB grid, where banner and init_task check out.
+
+    Reads a few hundred small pieces of memory: the fast way to test a profile.
+    """
+    banner, unshifted = hints.banner, hints.unshifted_banner
     found: list[int] = []
-    # Fast path: KASLR keeps the image on 2 MiB boundaries.
     for start in range(unshifted % KASLR_ALIGN, source.size, KASLR_ALIGN):
         if not source.is_valid(start, len(banner)) or source.read(start, len(banner)) != banner:
             continue
         shift = start - unshifted
-        if _comm_is_swapper(source, profile, arch, shift):
-            found.append(shift)
-            if len(found) >= limits.max_banner_candidates:
-                break
-    if found:
-        return found
-    # Slow path: any page-aligned placement (kernels built with another alignment).
-    for paddr in source.find(banner):
-        if (paddr - unshifted) % 4096:
-            continue
-        shift = paddr - unshifted
-        if _comm_is_swapper(source, profile, arch, shift):
+        if _comm_is_swapper(source, hints, shift):
             found.append(shift)
             if len(found) >= limits.max_banner_candidates:
                 break
     return found
+
+
+def shifts_at(source: PhysicalSource, hints: KernelHints, banner_paddrs: list[int]) -> list[int]:
+    """Physical shifts implied by banners found anywhere, kept if init_task checks out."""
+    found = []
+    for paddr in banner_paddrs:
+        shift = paddr - hints.unshifted_banner
+        if shift % 4096 == 0 and _comm_is_swapper(source, hints, shift):
+            found.append(shift)
+    return found
+
+
+def banner_candidates(source: PhysicalSource, hints: KernelHints, limits: Limits) -> list[int]:
+    """Physical shifts at which the kernel described by `hints` checks out."""
+    found = aligned_shifts(source, hints, limits)
+    if found:
+        return found
+    # Slow path: any page-aligned placement (kernels built with another alignment).
+    paddrs = []
+    for paddr in source.find(hints.banner):
+        paddrs.append(paddr)
+        if len(paddrs) >= limits.max_banner_candidates:
+            break
+    return shifts_at(source, hints, paddrs)
 
 
 def _paging_mode(
@@ -157,15 +201,16 @@ def locate_kernel(
 ) -> KernelLocation:
     """Find the kernel that `profile` describes in `source`, or say why not."""
     limits = limits or Limits()
-    arch = arch_of(profile)
+    hints = KernelHints.from_profile(profile)
+    arch = hints.arch
     try:
         regs: Registers | None = source.registers()
-    except RegistersUnavailable:
-        regs = None
-    shifts = banner_candidates(source, profile, limits, arch)
+    except VmiError:
+        regs = None  # no CPU state (an image) or none reachable (QMP busy): not needed
+    shifts = banner_candidates(source, hints, limits)
     if not shifts:
         raise GuestDataError(
-            f"the banner of profile {profile.name} ({_banner(profile)[:60]!r}...) was not found "
+            f"the banner of profile {profile.name} ({hints.banner[:60]!r}...) was not found "
             f"with a matching init_task in {source.description}: wrong profile for this guest?"
         )
     banner_link = profile.symbol_address("linux_banner")
