@@ -27,7 +27,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     names = list(GUESTS) if args.guest == "all" else [args.guest]
     for name in names:
         built = build_guest(name, force=args.force, progress=_progress)
+        from vmishell.lab.profiles import ensure_profile
+
+        profile = ensure_profile(built, _progress)
         print(f"{name}: {built.kernel_release}  manifest {built.manifest_path}")
+        print(f"{' ' * len(name)}  profile {profile}")
     return 0
 
 

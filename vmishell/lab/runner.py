@@ -231,6 +231,8 @@ def up(
     with _name_lock(name):
         notes = _reclaim(name, files, say)
         image = built or build_guest(spec, progress=progress, cache_dir=cache_dir)
+        if built is None and cache_dir is None:
+            notes.extend(_profile_note(image, say))
         files.run_dir.mkdir(parents=True, mode=0o700)
         initrd = image.initramfs
         if scenario is not None:
@@ -291,6 +293,18 @@ def up(
         instances.write_record(files, record)
         say(f"{name}: ready after {record['boot_seconds']} s (pid {pid})")
         return _guest_from_record(record, files)
+
+
+def _profile_note(image: BuiltGuest, say: Progress) -> list[str]:
+    """Make sure vmishell can attach to the guest; a failure is a note, not a failed boot."""
+    from vmishell.errors import VmiError
+    from vmishell.lab.profiles import ensure_profile
+
+    try:
+        ensure_profile(image, say)
+    except VmiError as exc:
+        return [f"no profile for {image.kernel_release}: {exc}"]
+    return []
 
 
 def _reclaim(name: str, files: LaunchFiles, say: Progress) -> list[str]:
