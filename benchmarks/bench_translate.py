@@ -1,0 +1,466 @@
+#!/usr/bin/env python3
+"""Benchmark vmishell's address translation against Volatility3's Intel layers.
+
+Both read the same raw physical-memory file (file offset = physical address):
+vmishell through a memory-mapped source, Volatility3 through its FileLayer
+under an Intel / IntelPAE / Intel32e layer built in the same process. For each
+metric the script prints both speeds and the ratio.
+
+    # a synthetic address space built in a temporary file (works anywhere)
+    python benchmarks/bench_translate.py --synthetic [--mode level4] [--ram-mib 512]
+
+    # a real dump (raw, offset = physical) with the CR3 it was taken with
+    python benchmarks/bench_translate.py guest.raw --cr3 0x10a2e000 --mode level4 [--pti-kernel]
+
+Metrics: warm translate() calls/s (a 1000-page working set, every cache
+filled), cold translations/s (fresh translator, each page once), whole
+address-space enumeration (pages/s), scattered 4 KiB reads (GB/s), one 64 MiB
+virtually contiguous read (GB/s, cold and warm) next to a plain `bytes` copy
+of 64 MiB out of the same map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gc
+import itertools
+import mmap
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vmishell.arch import AddressSpace, Mapping, PagingMode, Translator, kernel_dtb
+from vmishell.arch.builder import PageTableBuilder
+from vmishell.sources.memory import BufferSource
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+BIG_READ = 64 * MiB
+VOL_CLASSES = {
+    PagingMode.LEGACY: "Intel",
+    PagingMode.PAE: "IntelPAE",
+    PagingMode.LEVEL4: "Intel32e",
+    PagingMode.LEVEL5: None,  # Volatility3 has no LA57 layer
+}
+
+
+# -- synthetic address space ------------------------------------------------------------------
+
+
+def build_synthetic(path: Path, mode: PagingMode, ram_mib: int, seed: int) -> int:
+    """Write a RAM image with one address space shaped like a kernel's; return its DTB.
+
+    Regions: a direct map of RAM in large pages, a 96 MiB buffer of 4 KiB
+    pages mapped contiguously, and two 72 MiB regions of 4 KiB pages on
+    shuffled frames (vmalloc-like and user-like).
+    """
+    rng = random.Random(seed)
+    ram = ram_mib * MiB
+    data_start = 32 * MiB
+    if ram < data_start + 128 * MiB:
+        raise SystemExit("--ram-mib must be at least 160")
+    b = PageTableBuilder(mode, ram_size=ram, table_start=MiB)
+    long_mode = mode in (PagingMode.LEVEL4, PagingMode.LEVEL5)
+    if long_mode:
+        direct, contig, vmalloc, user = (
+            0xFFFF_8880_0000_0000,
+            0xFFFF_C900_0000_0000,
+            0xFFFF_C901_0000_0000,
+            0x7F00_0000_0000,
+        )
+        direct_size, contig_size, scattered_size = ram, 96 * MiB, 72 * MiB
+    else:
+        direct, contig, vmalloc, user = 0xC000_0000, 0xD000_0000, 0xF000_0000, 0x0800_0000
+        direct_size, contig_size, scattered_size = min(ram, 256 * MiB), 96 * MiB, 72 * MiB
+    large = 4 * MiB if mode is PagingMode.LEGACY else 2 * MiB
+    b.map_range(direct, 0, direct_size - direct_size % large, large, nx=True, user=False)
+    b.map_range(contig, data_start, contig_size, user=False, nx=True)
+    frames = list(range(data_start, ram, 4 * KiB))
+    for base, user_page in ((vmalloc, False), (user, True)):
+        picks = rng.sample(frames, scattered_size // (4 * KiB))
+        for i, frame in enumerate(picks):
+            b.map(base + i * 4 * KiB, frame, user=user_page, nx=bool(i % 3))
+    chunk = rng.randbytes(MiB)
+    for off in range(data_start, ram, MiB):
+        b.ram[off : off + MiB] = chunk
+    path.write_bytes(b.ram)
+    return b.dtb
+
+
+# -- the two implementations --------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    path: Path
+    dtb: int
+    mode: PagingMode
+    maxphyaddr: int
+    source: BufferSource
+    raw: mmap.mmap
+
+
+def open_ours(path: Path, dtb: int, mode: PagingMode, maxphyaddr: int) -> Setup:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        raw = mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    source = BufferSource([(0, memoryview(raw))], description=f"raw image {path}")
+    return Setup(path, dtb, mode, maxphyaddr, source, raw)
+
+
+def new_translator(s: Setup) -> Translator:
+    return Translator(s.source, s.dtb, s.mode, maxphyaddr=s.maxphyaddr)
+
+
+def new_vol_layer(s: Setup, class_name: str | None) -> Any:
+    """A fresh Volatility3 Intel layer over a FileLayer (fresh layer = cold caches)."""
+    if class_name is None:
+        raise ValueError("no Volatility3 layer class for this mode")
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import intel, physical
+
+    ctx = contexts.Context()
+    ctx.config["bench.phys.location"] = s.path.resolve().as_uri()
+    ctx.add_layer(physical.FileLayer(ctx, "bench.phys", "phys"))
+    ctx.config["bench.virt.memory_layer"] = "phys"
+    ctx.config["bench.virt.page_map_offset"] = s.dtb
+    layer = getattr(intel, class_name)(ctx, "bench.virt", "virt")
+    ctx.add_layer(layer)
+    return layer
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Best wall time of `repeat` runs (GC off while timing, as timeit does)."""
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            gc.enable()
+    return best
+
+
+def random_pages(maps: Sequence[Mapping], n: int, rng: random.Random) -> list[int]:
+    """`n` random mapped page addresses, uniformly over mapped bytes."""
+    ends, total = [], 0
+    for m in maps:
+        total += m.size
+        ends.append(total)
+    out = []
+    for _ in range(n):
+        x = rng.randrange(total)
+        i = bisect.bisect_right(ends, x)
+        m = maps[i]
+        off = x - (ends[i] - m.size)
+        out.append((m.vaddr + off) & ~0xFFF)
+    return out
+
+
+def both_read(asp: AddressSpace, vol: Any | None, page: int) -> bool:
+    """Whether both implementations can read the 4 KiB page at `page`."""
+    if not asp.is_readable(page, 4096):
+        return False
+    if vol is None:
+        return True
+    try:
+        vol.read(page, 4096)
+    except Exception:  # Volatility3's InvalidAddressException and kin
+        return False
+    return True
+
+
+def big_regions(asp: AddressSpace, maps: Sequence[Mapping], size: int) -> dict[str, int]:
+    """Where to read `size` bytes: physically contiguous frames, and scattered frames.
+
+    Prefers regions of 4 KiB pages (the hard case); each must be readable.
+    """
+    tr = asp.translator
+
+    def small_pages(va: int) -> bool:
+        return tr.translate(va).page_size == 4 * KiB
+
+    out: dict[str, int] = {}
+    whole = [m for m in maps if m.size >= size and asp.is_readable(m.vaddr, size)]
+    whole.sort(key=lambda m: not small_pages(m.vaddr))
+    if whole:
+        out["contiguous frames"] = whole[0].vaddr
+    runs: list[tuple[int, int, int]] = []  # virtual runs: start, end, pieces
+    for m in maps:
+        if runs and runs[-1][1] == m.vaddr:
+            runs[-1] = (runs[-1][0], m.end, runs[-1][2] + 1)
+        else:
+            runs.append((m.vaddr, m.end, 1))
+    for lo, hi, pieces in sorted(runs, key=lambda r: not small_pages(r[0])):
+        if hi - lo >= size and pieces > size // (64 * KiB) and asp.is_readable(lo, size):
+            out["scattered frames"] = lo
+            break
+    return out
+
+
+@dataclass
+class Row:
+    metric: str
+    unit: str
+    ours: float
+    vol: float | None
+
+    def render(self) -> str:
+        vol = f"{self.vol:14.3f}" if self.vol is not None else f"{'-':>14}"
+        ratio = f"{self.ours / self.vol:8.1f}x" if self.vol else f"{'-':>9}"
+        return f"{self.metric:<38} {self.ours:14.3f} {vol} {ratio}  {self.unit}"
+
+
+def run(s: Setup, vol_class: str | None, seed: int, quick: bool) -> list[Row]:
+    rng = random.Random(seed)
+    rows: list[Row] = []
+    tr = new_translator(s)
+    asp = AddressSpace(tr)
+    t0 = time.perf_counter()
+    maps = list(tr.mappings())
+    t_enum = time.perf_counter() - t0
+    pages = sum(m.size for m in maps) // (4 * KiB)
+    print(f"address space: {len(maps)} runs, {pages * 4 * KiB / MiB:.0f} MiB mapped")
+    if not maps:
+        raise SystemExit("nothing is mapped: wrong CR3 or mode?")
+    vol = new_vol_layer(s, vol_class) if vol_class else None
+
+    # Warm translate: a 1000-page working set (fits both TLB and Volatility's lru_caches).
+    def sample(n: int) -> list[int]:
+        """Random pages both implementations can read (Volatility3 drops some tables)."""
+        return [p for p in random_pages(maps, n, rng) if both_read(asp, vol, p)]
+
+    hot = sample(1000)
+    calls = [hot[i % len(hot)] + (i * 8) % 4096 for i in range(100_000 if quick else 300_000)]
+    for a in hot:
+        tr.translate(a)
+
+    def ours_warm() -> None:
+        translate = tr.translate
+        for a in calls:
+            translate(a)
+
+    ours = len(calls) / timed(ours_warm)
+    volv = None
+    if vol is not None:
+        for a in hot:
+            vol.translate(a)
+
+        def vol_warm() -> None:
+            translate = vol.translate
+            for a in calls:
+                translate(a)
+
+        volv = len(calls) / timed(vol_warm)
+    rows.append(Row("warm translate()", "M calls/s", ours / 1e6, volv / 1e6 if volv else None))
+
+    # Cold translate: fresh caches, each page once.
+    cold = list(dict.fromkeys(sample(5_000 if quick else 20_000)))
+
+    def ours_cold() -> None:
+        translate = new_translator(s).translate
+        for a in cold:
+            translate(a)
+
+    ours = len(cold) / timed(ours_cold)
+    volv = None
+    if vol is not None:
+
+        def vol_cold() -> None:
+            translate = new_vol_layer(s, vol_class).translate
+            for a in cold:
+                translate(a)
+
+        volv = len(cold) / timed(vol_cold)
+    rows.append(Row("cold translate()", "M calls/s", ours / 1e6, volv / 1e6 if volv else None))
+    cold_translate_rate = ours
+
+    # Enumeration: whole address space.
+    def ours_enum() -> None:
+        for _ in new_translator(s).mappings():
+            pass
+
+    t_enum = min(t_enum, timed(ours_enum, 2))
+    enum_rate = pages / t_enum
+    volv = None
+    if vol is not None:
+        spec = s.mode.spec
+
+        def vol_enum() -> None:
+            layer = new_vol_layer(s, vol_class)
+            if spec.canonical:
+                half = 1 << (spec.address_bits - 1)
+                for _ in layer.mapping(0, half, ignore_errors=True):
+                    pass
+                for _ in layer.mapping((1 << 64) - half, half, ignore_errors=True):
+                    pass
+            else:
+                for _ in layer.mapping(0, 1 << 32, ignore_errors=True):
+                    pass
+
+        volv = pages / timed(vol_enum, 1)
+    rows.append(Row("mappings(): whole space", "M pages/s", enum_rate / 1e6, _m(volv)))
+    print(
+        f"  mappings() per page vs cold translate() per page: "
+        f"{enum_rate / cold_translate_rate:.1f}x faster"
+    )
+
+    # Scattered 4 KiB reads.
+    scattered = sample(5_000 if quick else 20_000)
+    for p in scattered:
+        asp.read(p, 4096)
+
+    def ours_reads() -> None:
+        read = asp.read
+        for p in scattered:
+            read(p, 4096)
+
+    ours = len(scattered) * 4096 / timed(ours_reads)
+    volv = None
+    if vol is not None:
+        for p in scattered:
+            vol.read(p, 4096)
+
+        def vol_reads() -> None:
+            read = vol.read
+            for p in scattered:
+                read(p, 4096)
+
+        volv = len(scattered) * 4096 / timed(vol_reads)
+    rows.append(Row("scattered 4 KiB reads (warm)", "GB/s", ours / 1e9, _g(volv)))
+
+    # 64 MiB virtually contiguous reads, and a plain copy of 64 MiB.
+    view = memoryview(s.raw)
+    copy = BIG_READ / timed(lambda: bytes(view[: min(BIG_READ, len(view))]))
+    rows.append(Row("plain bytes copy of 64 MiB", "GB/s", copy / 1e9, None))
+    regions = big_regions(asp, maps, BIG_READ + 4 * KiB)
+    if not regions:
+        print("  no 64 MiB virtually contiguous readable region: skipped")
+    for label, start in regions.items():
+        page = tr.translate(start).page_size
+        print(f"  64 MiB read, {label}: at {start:#x} ({page // KiB} KiB pages)")
+        big_cold, big_warm, vcold, vwarm = big_read_rates(s, asp, vol, vol_class, start)
+        rows.append(Row(f"64 MiB read, {label} (cold)", "GB/s", big_cold / 1e9, _g(vcold)))
+        rows.append(Row(f"64 MiB read, {label} (warm)", "GB/s", big_warm / 1e9, _g(vwarm)))
+        print(
+            f"    vs plain copy: cold {big_cold / copy:.0%}, "
+            f"warm {big_warm / copy:.0%} of copy bandwidth"
+        )
+    view.release()
+    return rows
+
+
+def big_read_rates(
+    s: Setup, asp: AddressSpace, vol: Any | None, vol_class: str | None, start: int
+) -> tuple[float, float, float | None, float | None]:
+    """Bytes/s of 64 MiB reads at `start`: ours cold and warm, Volatility3's cold and warm.
+
+    The offset moves by a byte each time so that nothing can answer from a
+    cache of whole reads (Volatility3 memoises read() results).
+    """
+    shift = itertools.count(1)
+
+    def ours_cold() -> None:
+        AddressSpace(new_translator(s)).read(start + next(shift), BIG_READ)
+
+    def ours_warm() -> None:
+        asp.read(start + next(shift), BIG_READ)
+
+    asp.read(start, BIG_READ)
+    cold = BIG_READ / timed(ours_cold)
+    warm = BIG_READ / timed(ours_warm)
+    if vol is None:
+        return cold, warm, None, None
+
+    def vol_cold() -> None:
+        new_vol_layer(s, vol_class).read(start + next(shift), BIG_READ)
+
+    def vol_warm() -> None:
+        vol.read(start + next(shift), BIG_READ)
+
+    vol.read(start, BIG_READ)
+    return cold, warm, BIG_READ / timed(vol_cold, 2), BIG_READ / timed(vol_warm, 2)
+
+
+def _m(x: float | None) -> float | None:
+    return x / 1e6 if x is not None else None
+
+
+def _g(x: float | None) -> float | None:
+    return x / 1e9 if x is not None else None
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("dump", nargs="?", type=Path, help="raw physical memory file")
+    ap.add_argument("--cr3", type=lambda x: int(x, 0), help="CR3 / DTB of the address space")
+    ap.add_argument("--mode", choices=[m.value for m in PagingMode], default="level4")
+    ap.add_argument("--maxphyaddr", type=int, default=52)
+    ap.add_argument("--pti-kernel", action="store_true", help="clear CR3 bit 12 (Linux PTI)")
+    ap.add_argument("--synthetic", action="store_true", help="build a synthetic address space")
+    ap.add_argument("--ram-mib", type=int, default=512, help="synthetic RAM size")
+    ap.add_argument("--keep", type=Path, help="keep the synthetic image at this path")
+    ap.add_argument(
+        "--vol-class", help="Volatility3 layer class (default by mode; e.g. LinuxIntel32e)"
+    )
+    ap.add_argument("--no-vol", action="store_true", help="skip Volatility3")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    mode = PagingMode(args.mode)
+
+    tmp: Path | None = None
+    if args.synthetic:
+        if args.keep:
+            path = args.keep
+        else:
+            fd, name = tempfile.mkstemp(prefix="vmishell-bench-", suffix=".raw")
+            os.close(fd)
+            tmp = path = Path(name)
+        t0 = time.perf_counter()
+        dtb = build_synthetic(path, mode, args.ram_mib, args.seed)
+        print(f"synthetic {mode.spec.name} image: {path} ({args.ram_mib} MiB, "
+              f"built in {time.perf_counter() - t0:.1f} s), dtb={dtb:#x}")  # fmt: skip
+    else:
+        if args.dump is None or args.cr3 is None:
+            ap.error("give a dump and --cr3, or --synthetic")
+        path = args.dump
+        dtb = kernel_dtb(args.cr3, mode, args.maxphyaddr) if args.pti_kernel else args.cr3
+
+    vol_class = None if args.no_vol else (args.vol_class or VOL_CLASSES[mode])
+    if vol_class is None and not args.no_vol:
+        print(f"Volatility3 has no layer for {mode.spec.name}: vmishell only")
+    try:
+        s = open_ours(path, dtb, mode, args.maxphyaddr)
+        rows = run(s, vol_class, args.seed, args.quick)
+        print()
+        print(f"{'metric':<38} {'vmishell':>14} {vol_class or 'volatility3':>14} {'ratio':>9}")
+        for row in rows:
+            print(row.render())
+    finally:
+        if tmp is not None:
+            tmp.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
