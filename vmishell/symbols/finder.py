@@ -95,8 +95,9 @@ class ProfileIndex:
         entry = self._entries.get(key)
         if entry is None:
             try:
-                entry = asdict(KernelHints.from_profile(load_profile(path)))
-                entry["banner"] = entry["banner"].decode("latin-1")  # type: ignore[union-attr]
+                hints = KernelHints.from_profile(load_profile(path))
+                entry = asdict(hints)
+                entry["banner"] = hints.banner.decode("latin-1")
             except VmiError as exc:
                 entry = {"error": str(exc)}
             self._entries[key] = entry
