@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from vmishell.arch import Walk
+from vmishell.arch import EntryFlags, Walk
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
@@ -36,7 +36,7 @@ def walk_table(walk: Walk) -> str:
     for step in walk.steps:
         lines.append(
             f"{step.level:<6} {step.table:#18x} {step.index:5d} {step.entry_address:#18x} "
-            f"{step.entry:#18x}  {step.flags_text if hasattr(step, 'flags_text') else step.flags}"
+            f"{step.entry:#18x}  {flag_names(step.flags) if step.present else 'not present'}"
         )
     if walk.translation is not None:
         t = walk.translation
@@ -44,3 +44,8 @@ def walk_table(walk: Walk) -> str:
     else:
         lines.append(f"=> {walk.fault}")
     return "\n".join(lines)
+
+
+def flag_names(flags: EntryFlags) -> str:
+    """Entry flags as `WRITABLE|USER|ACCESSED` (PRESENT is implied by being shown)."""
+    return "|".join(f.name or "" for f in EntryFlags if f in flags and f is not EntryFlags.PRESENT)
