@@ -425,8 +425,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-vol", action="store_true", help="skip Volatility3")
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--lab",
+        metavar="NAME",
+        help="dump the running lab instance NAME and use its pid-1 address space",
+    )
     args = ap.parse_args(argv)
     mode = PagingMode(args.mode)
+    lab_dump: Path | None = None
+    if args.lab:
+        lab_dump, dtb_found, mode = dump_lab_guest(args.lab)
+        args.dump, args.cr3, args.pti_kernel = lab_dump, dtb_found, False
 
     tmp: Path | None = None
     if args.synthetic:
@@ -459,7 +468,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if tmp is not None:
             tmp.unlink()
+        if lab_dump is not None:
+            lab_dump.unlink()
     return 0
+
+
+def dump_lab_guest(name: str) -> tuple[Path, int, PagingMode]:
+    """A raw dump of a running lab guest, with its init process's DTB and paging mode."""
+    from vmishell.lab.runner import attach
+    from vmishell.session import Session
+
+    fd, tmpname = tempfile.mkstemp(prefix="vmishell-bench-", suffix=".raw")
+    os.close(fd)
+    path = attach(name).dump(tmpname, "raw")
+    with Session.image(path) as session:
+        init = session.process(1)
+        print(f"lab guest {name}: dump {path}, pid 1 ({init.comm}) dtb={init.dtb:#x}, "
+              f"{session.guest.location.mode.name}")  # fmt: skip
+        return path, init.dtb, session.guest.location.mode
 
 
 if __name__ == "__main__":
