@@ -154,3 +154,28 @@ def test_a_paused_guest_stands_still(lab_guest) -> None:
             time.sleep(1.5)
             assert proc.read(lay.counter_va, 8) == first
         assert guest.registers().cr3 is not None
+
+
+@pytest.fixture(scope="module")
+def nokaslr_guest():
+    """An x86_64 guest booted with KASLR off (its own instance, shut down after)."""
+    import os
+
+    from vmishell.lab import runner
+
+    guest = runner.up("x86_64", f"t-{os.getpid()}-nokaslr", extra_kernel_args=("nokaslr",))
+    yield guest
+    guest.down()
+
+
+def test_a_kernel_booted_nokaslr_is_found_at_its_link_addresses(nokaslr_guest, tmp_path) -> None:
+    truth = nokaslr_guest.truth()
+    raw = nokaslr_guest.dump(tmp_path / "nokaslr.raw", "raw")
+    for target in (f"lab:{nokaslr_guest.name}", str(raw)):
+        with Session.attach(target) as s:
+            loc = s.guest.location
+            assert (loc.virtual_shift, loc.physical_shift) == (0, 0)
+            assert s.symbol("_text") == truth.symbols["_text"] == 0xFFFFFFFF81000000
+            assert s.kernel.translate(truth.symbols["_text"]).paddr == truth.kernel_code[0]
+            marker = s.process(truth.marker_pid)
+            assert marker.read(truth.marker_va, len(MARKER)) == MARKER
