@@ -138,6 +138,8 @@ def main() -> int:
                 r[0] for r in runs
             )
             results["Volatility3 linux.pslist RSS MiB"] = statistics.median(r[1] for r in runs)
+        if args.vmlinux and shutil.which("drgn"):
+            results.update(bench_drgn(guest, Path(args.vmlinux), work, args.repeat))
         print(f"guest {guest.name}: {n_tasks} tasks, profile {profile_path.name}\n")
         width = max(map(len, results))
         for k, v in results.items():
@@ -162,6 +164,45 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         if booted is not None:
             booted.down()
+
+
+_DRGN_SCRIPT = """
+import time
+from drgn.helpers.linux.pid import for_each_task
+t = time.perf_counter()
+tasks = [(task.pid.value_(), task.comm.string_()) for task in for_each_task(prog)]
+print(time.perf_counter() - t)
+"""
+
+
+def bench_drgn(guest, vmlinux: Path, work: Path, repeat: int) -> dict[str, float]:
+    """drgn on an ELF dump of the same guest, given the kernel's DWARF and VMCOREINFO.
+
+    A QEMU ELF dump carries no VMCOREINFO unless the guest loaded qemu_fw_cfg,
+    so the text is cut out of guest RAM, where the kernel keeps it.
+    """
+    from vmishell.sources import open_image
+
+    elf = guest.dump(work / "guest.elf", "elf")
+    with open_image(elf) as src:
+        for paddr in src.find(b"OSRELEASE="):
+            text = src.read(paddr, 4096).split(b"\0")[0]
+            if b"KERNELOFFSET=" in text:
+                (work / "vmcoreinfo").write_bytes(text)
+                break
+        else:
+            return {}
+    (work / "drgn_ps.py").write_text(_DRGN_SCRIPT)
+    runs = [
+        run_child(["drgn", "-q", "-c", str(elf), "--vmcoreinfo", str(work / "vmcoreinfo"),
+                   "-s", str(vmlinux), str(work / "drgn_ps.py")])
+        for _ in range(repeat)
+    ]  # fmt: skip
+    return {
+        "drgn task walk (ELF dump)": statistics.median(float(r[2].split()[-1]) for r in runs),
+        "drgn end to end (s)": statistics.median(r[0] for r in runs),
+        "drgn RSS MiB": statistics.median(r[1] for r in runs),
+    }
 
 
 def _profiles() -> list[Path]:
