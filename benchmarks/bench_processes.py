@@ -76,13 +76,19 @@ def main() -> int:
     ap.add_argument("--guest", help="a running lab instance to use (default: boot one)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--vmlinux", help="DWARF vmlinux for drgn (optional)")
+    ap.add_argument(
+        "--sleepers", type=int, default=300, help="extra processes in a booted guest (default 300)"
+    )
     args = ap.parse_args()
 
     booted = None
     if args.guest:
         guest = runner.attach(args.guest)
     else:
-        booted = guest = runner.up("x86_64", name=f"bench-{os.getpid()}")
+        script = Path(tempfile.mkstemp(prefix="vmishell-bench-", suffix=".sh")[1])
+        script.write_text(f"for i in $(seq {args.sleepers}); do sleep 1000000 & done\n")
+        booted = guest = runner.up("x86_64", name=f"bench-{os.getpid()}", init_script=script)
+        script.unlink()
     work = Path(tempfile.mkdtemp(prefix="vmishell-bench-"))
     try:
         dump = guest.dump(work / "guest.raw", "raw")
