@@ -1,4 +1,4 @@
-"""Sources of guest-physical memory: live QEMU RAM files, raw and ELF images."""
+"""Sources of guest-physical memory: live QEMU RAM files, raw, ELF and LiME images, LibVMI."""
 
 from __future__ import annotations
 
@@ -33,11 +33,9 @@ def open_image(path: str | os.PathLike[str]) -> PhysicalSource:
         from vmishell.sources.elfcore import ElfCoreSource
 
         return ElfCoreSource(p)
-    if magic == b"EMiL":
-        try:
-            from vmishell.sources.lime import LimeSource  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise SourceError(f"{p} is a LiME image, which this version cannot read") from None
+    if magic in (b"EMiL", b"AVML"):  # LiME; AVML's compressed LiME
+        from vmishell.sources.lime import LimeSource
+
         return LimeSource(p)
     from vmishell.sources.files import RawImageSource
 

@@ -1,0 +1,1 @@
+"""Bridges from vmishell's sources and sessions to other memory-forensics tools."""
