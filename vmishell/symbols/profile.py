@@ -219,6 +219,27 @@ class Profile:
         name = _strip_tag(name)
         return name in self._types or name in self._base_types or name in self._enums
 
+    def type_ref(self, name: str) -> TypeRef:
+        """A TypeRef for a named struct/union, enum or base type ("struct x" tags allowed)."""
+        tag, _, bare = name.partition(" ") if " " in name else ("", "", name)
+        if tag not in ("struct", "union", "class", "enum"):
+            tag, bare = "", name  # a base type such as "unsigned int"
+        if tag != "enum" and bare in self._types:
+            return TypeRef(self._aggregate(bare).kind, bare)
+        if tag in ("", "enum") and bare in self._enums:
+            return TypeRef("enum", bare)
+        if not tag and bare in self._base_types:
+            return TypeRef("base", bare)
+        raise SymbolNotFound(f"no type {name!r} in profile {self.name}")
+
+    def base_type(self, name: str) -> tuple[int, bool, str]:
+        """(size, signed, kind) of a base type; kind is "int", "char", "bool", "float" or "void"."""
+        try:
+            size, signed, kind, _endian = self._base_types[name]
+        except KeyError:
+            raise SymbolNotFound(f"no base type {name!r} in profile {self.name}") from None
+        return size, signed, kind
+
     def type_names(self) -> list[str]:
         """Sorted names of every struct/union, base type and enum."""
         return sorted({*self._types.keys(), *self._base_types, *self._enums.keys()})
