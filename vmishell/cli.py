@@ -44,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except VmiError as exc:
-        print(f"vmishell: {exc}", file=sys.stderr)
+        # A message may quote guest output (a lab guest's serial console): escaped.
+        from vmishell.frontends.text import safe_text
+
+        print(f"vmishell: {safe_text(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

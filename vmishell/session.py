@@ -14,9 +14,9 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmishell.arch import AddressSpace, Mapping, Translation, Translator, Walk
+from vmishell.arch import AddressSpace, Mapping, Translation, Walk
 from vmishell.errors import GuestDataError, SourceError, VmiError
-from vmishell.limits import Limits
+from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.guest import LinuxGuest
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
@@ -64,7 +64,7 @@ class Process:
         self.task = task
         self.pid = task.pid if task else 0
         self.dtb = dtb
-        self.translator = Translator(session.source, dtb, session.guest.location.mode)
+        self.translator = session.guest.translator(dtb)
         self.space = AddressSpace(self.translator)
 
     @property
@@ -84,8 +84,11 @@ class Process:
     def walk(self, vaddr: int) -> Walk:
         return self.translator.walk(vaddr)
 
-    def mappings(self, start: int = 0, end: int | None = None) -> Iterator[Mapping]:
-        return self.translator.mappings(start, end)
+    def mappings(
+        self, start: int = 0, end: int | None = None, *, max_work: int | None = None
+    ) -> Iterator[Mapping]:
+        """Coalesced mapped runs; work capped by `max_work` or `Limits.max_mapping_work`."""
+        return self.translator.mappings(start, end, max_work=max_work)
 
     def vmas(self) -> list[Vma]:
         if self.task is None:
@@ -196,22 +199,35 @@ class Session:
         *,
         profile: ProfileArg = None,
         limits: Limits | None = None,
+        writable: bool = False,
     ) -> Session:
-        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, or an image path."""
+        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
+        `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), or an image path."""
         text = os.fspath(target)
         if text.startswith("lab:"):
-            return cls.lab(text[4:], profile=profile, limits=limits)
+            return cls.lab(text[4:], profile=profile, limits=limits, writable=writable)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
-            return cls.qemu(ram, qmp or None, profile=profile, limits=limits)
+            return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
+        for prefix, mode in (("xen:", "xen"), ("kvm:", "kvm"), ("libvmi-file:", "file")):
+            if text.startswith(prefix):
+                from vmishell.sources.libvmi import LibvmiSource
+
+                if writable:
+                    raise SourceError(f"{text}: LibVMI targets are opened read-only")
+                source = LibvmiSource(text[len(prefix) :], mode)
+                return cls(source, profile, limits=limits, name=text)
         if Path(text).exists():
+            if writable:
+                raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
         try:
-            return cls.lab(text, profile=profile, limits=limits)
+            return cls.lab(text, profile=profile, limits=limits, writable=writable)
         except VmiError:
             raise SourceError(
                 f"{text!r} is neither a file nor a running lab guest "
-                "(use lab:NAME, qemu:RAMFILE[,QMPSOCKET] or an image path)"
+                "(use lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, "
+                "libvmi-file:DUMP or an image path)"
             ) from None
 
     # -- the guest's processes ----------------------------------------------------------
@@ -225,6 +241,10 @@ class Session:
         """Every task as a row (the data behind `processes()`, without pandas)."""
         rows = []
         dtbs: dict[int, int | None] = {}
+        # Tasks may share an mm (and a crafted guest can make thousands do so):
+        # each argument area is read once, and all text together is capped.
+        budget = TextBudget(self.limits.max_text)
+        args_of: dict[tuple[int, int], str | VmiError] = {}
         for task in self.tasks():
             if not threads and not task.is_thread_group_leader:
                 continue
@@ -241,10 +261,18 @@ class Session:
                     dtbs[task.mm] = dtb
             args = None
             if cmdline and task.mm and dtb is not None and task.is_thread_group_leader:
-                try:
-                    args = self.guest.cmdline(task, self._space(dtb))
-                except VmiError as exc:
-                    error = f"{error}; cmdline: {exc}" if error else f"cmdline: {exc}"
+                known = args_of.get((task.mm, dtb))
+                if known is None:
+                    try:
+                        argv = self.guest.cmdline(task, self._space(dtb), budget)
+                        known = " ".join(argv or ())
+                    except VmiError as exc:
+                        known = exc
+                    args_of[task.mm, dtb] = known
+                if isinstance(known, VmiError):
+                    error = f"{error}; cmdline: {known}" if error else f"cmdline: {known}"
+                else:
+                    args = known
             rows.append(
                 ProcessRow(
                     pid=task.pid,
@@ -258,7 +286,7 @@ class Session:
                     kernel_thread=task.kernel_thread,
                     dtb=dtb,
                     task=task.address,
-                    cmdline=" ".join(args) if args is not None else None,
+                    cmdline=args,
                     error=error,
                 )
             )

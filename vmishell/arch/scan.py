@@ -41,6 +41,9 @@ _NX_FLAG = 8
 #: (~10 us against ~0.6 us per leaf), not the 512 pages it maps, so that a 1 TiB direct
 #: map of 2 MiB pages does not eat the budget of a process with scattered 4 KiB pages.
 _WHOLE_TABLE_WORK = 16
+#: Work charged for unpacking a table and looking through its entries (~20 us), so that
+#: the cap bounds time even when shared tables hold almost nothing.
+_TABLE_WORK = 32
 
 
 class _RunTable:
@@ -185,6 +188,11 @@ def _scan_range(
                     continue
             ents = reader.table_struct(lvl.count).unpack_from(buf, off)
             f_ents[depth] = ents
+            # Looking through a table costs this much whatever it holds: a table with
+            # one present entry, shared by every entry above it, must not be cheap.
+            work[0] += _TABLE_WORK
+            if work[0] > max_work:
+                raise _over_budget(tr, max_work)
 
         if lvl.last:
             # Page table: every present entry maps 4 KiB. The hot loop.

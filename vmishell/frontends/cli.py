@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmishell.frontends.text import hexdump, safe_text, walk_table
+from vmishell.frontends.text import hexdump, safe_cell, walk_table
 
 
 def _int(text: str) -> int:
@@ -29,8 +29,19 @@ def cmd_ps(args: argparse.Namespace) -> int:
     with _session(args) as s:
         rows = s.process_rows(threads=args.threads)
     header = ("PID", "PPID", "TGID", "UID", "S", "COMM", "COMMAND")
+    # Each guest string is escaped on its own (before widths are measured), so a
+    # name holding a newline or an escape sequence stays inside its cell; a row
+    # vmishell could not trust says so after its command line.
     table = [header] + [
-        (str(r.pid), str(r.ppid), str(r.tgid), str(r.uid), r.state, r.comm, r.cmdline or "")
+        (
+            str(r.pid),
+            str(r.ppid),
+            str(r.tgid),
+            str(r.uid),
+            safe_cell(r.state),
+            safe_cell(r.comm),
+            safe_cell(r.cmdline or "") + (f"  !! {safe_cell(r.error)}" if r.error else ""),
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
@@ -39,18 +50,17 @@ def cmd_ps(args: argparse.Namespace) -> int:
             c.rjust(w) if i < 4 else c.ljust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=False))
         ]
-        print(safe_text(" ".join([*cells, row[-1]]).rstrip()))
+        print(" ".join([*cells, row[-1]]).rstrip())
     return 0
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
     with _session(args) as s:
         for v in s.process(args.pid).vmas():
+            note = f"  !! {safe_cell(v.error)}" if v.error else ""
             print(
-                safe_text(
-                    f"{v.start:08x}-{v.end:08x} {v.perms} {v.offset:08x} {v.device} "
-                    f"{v.inode:<10d} {v.path}"
-                )
+                f"{v.start:08x}-{v.end:08x} {v.perms} {v.offset:08x} {safe_cell(v.device)} "
+                f"{v.inode:<10d} {safe_cell(v.path)}{note}"
             )
     return 0
 

@@ -10,12 +10,32 @@ import re
 
 from vmishell.arch import EntryFlags, Walk
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls (ESC, CSI, OSC, BEL, ...) but tab and newline, DEL, line and
+# paragraph separators, bidi embeddings/overrides/isolates and marks, and the
+# invisible zero-width characters that make one name look like another.
+_INVISIBLE = "\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+_CONTROL = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{_INVISIBLE}]")
+#: The same plus tab, newline and carriage return: for one cell of a table.
+_CELL_CONTROL = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_INVISIBLE}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group(0).encode("unicode_escape").decode("ascii")
 
 
 def safe_text(text: str) -> str:
-    """Text with every control character (ESC, CSI, bidi overrides) shown as an escape."""
-    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+    """Text with every control character (ESC, CSI, bidi overrides) shown as an escape.
+
+    Tabs and newlines are kept: this is for whole renderings (a table, a dump).
+    A single guest string inside a row goes through `safe_cell` instead.
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+def safe_cell(text: str) -> str:
+    """One guest string for one table cell: `safe_text`, and tabs and newlines escaped too,
+    so a process named "x\\n  1 root init" cannot print a row of its own."""
+    return _CELL_CONTROL.sub(_escape, text)
 
 
 def hexdump(data: bytes, address: int = 0, width: int = 16) -> str:

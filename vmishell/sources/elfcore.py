@@ -48,6 +48,8 @@ def _parse_elf(data: memoryview, path: Path) -> tuple[int, list[tuple[int, int, 
     if endian != 1:
         raise SourceError(f"{path}: big-endian ELF cores are not supported")
     if elf_class == 2:
+        if len(data) < 64:
+            raise SourceError(f"{path}: ELF header is cut short ({len(data)} of 64 bytes)")
         hdr = struct.unpack_from("<HHIQQQIHHHHHH", data, 16)
         (_, machine, _, _, phoff, _, _, _, phentsize, phnum, _, _, _) = hdr
         fmt = "<IIQQQQQQ"

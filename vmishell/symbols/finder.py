@@ -50,11 +50,20 @@ def candidate_profiles(extra_dirs: list[Path] | None = None) -> Iterator[Path]:
                 yield path
 
 
-def banners_in(source: PhysicalSource, limit: int = 8) -> list[tuple[int, str]]:
-    """(physical address, text) of distinct `Linux version ...` banners in memory."""
+def banners_in(
+    source: PhysicalSource, limit: int = 8, scan: int | None = None
+) -> list[tuple[int, str]]:
+    """(physical address, text) of distinct `Linux version ...` banners in memory.
+
+    At most `scan` occurrences of the prefix are looked at: a guest can fill
+    its RAM with the words, and each costs a read and a match.
+    """
+    scan = Limits().max_banner_scan if scan is None else scan
     found: list[tuple[int, str]] = []
     texts: set[str] = set()
-    for paddr in source.find(b"Linux version "):
+    for n, paddr in enumerate(source.find(b"Linux version ")):
+        if n >= scan:
+            break
         try:
             text = source.read(paddr, min(420, source.size - paddr))
         except VmiError:
@@ -138,7 +147,7 @@ def find_profile(
         if aligned_shifts(source, hints, limits):
             return load_profile(path)
     # No kernel on the 2 MiB grid: look for banners anywhere, once for all profiles.
-    seen = banners_in(source)
+    seen = banners_in(source, scan=limits.max_banner_scan)
     for path, hints in candidates:
         paddrs = [a for a, text in seen if text.encode("latin-1") == hints.banner]
         if paddrs and shifts_at(source, hints, paddrs):

@@ -89,6 +89,8 @@ def parse_isf(text: bytes, path: Path) -> dict:
             isf = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"ISF {path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ProfileError(f"ISF {path} nests JSON too deeply to be an ISF") from None
     check_isf(isf, str(path))
     return isf
 
@@ -236,7 +238,7 @@ def _desc(obj: Any, intern: _Interner, where: str) -> Desc:
             )
         else:
             raise ProfileError(f"{where}: unknown type kind {kind!r}")
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ProfileError(f"{where}: malformed {kind} descriptor ({exc!r})") from exc
     return intern(d)
 
@@ -270,6 +272,8 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
     """The compact sections a Profile reads: small ones eager, types and enums per item."""
     intern = _Interner()
     dumps = marshal.dumps
+    for table in ("user_types", "enums", "symbols"):
+        _check_names(isf[table], f"{name}: {table}")
     with paused_gc():
         user_types = isf["user_types"]
         types: dict[str, bytes] = {}
@@ -281,7 +285,7 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
             try:
                 _flatten(user_types, body["fields"], 0, flat, intern, where)
                 size = int(body["size"])
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
                 raise ProfileError(f"{where} is malformed ({exc!r})") from exc
             ordered = sorted(
                 ((fname, off, d) for fname, (off, d) in flat.items()),
@@ -294,7 +298,7 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
             try:
                 constants = tuple((str(k), int(v)) for k, v in body["constants"].items())
                 enums[ename] = dumps((int(body["size"]), str(body["base"]), constants))
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
                 raise ProfileError(f"{name}: enum {ename} is malformed ({exc!r})") from exc
 
         base_types = {}
@@ -306,7 +310,7 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
                     str(body.get("kind", "int")),
                     str(body.get("endian", "little")),
                 )
-            except (TypeError, ValueError, AttributeError) as exc:
+            except (TypeError, ValueError, AttributeError, OverflowError) as exc:
                 raise ProfileError(f"{name}: base type {bname} is malformed ({exc!r})") from exc
 
         symbols: dict[str, bytes] = {}
@@ -315,7 +319,7 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
         for sname, body in isf["symbols"].items():
             try:
                 address = int(body["address"])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise ProfileError(f"{name}: symbol {sname} has no valid address") from exc
             if not 0 <= address < 1 << 64:
                 raise ProfileError(f"{name}: symbol {sname} address {address:#x} is not 64-bit")
@@ -354,6 +358,15 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
         "constant_data": dumps(constant_data),
     }
     return sections
+
+
+def _check_names(table: Mapping[str, Any], where: str) -> None:
+    """Names are stored as UTF-8: a JSON lone surrogate cannot be, so say which one."""
+    for key in table:
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise ProfileError(f"{where}: the name {key!r} is not valid Unicode") from None
 
 
 def _guess_pointer_size(base_types: Mapping[str, tuple]) -> int:

@@ -6,10 +6,10 @@ from functools import cached_property
 
 from vmishell.arch import AddressSpace, Translator
 from vmishell.errors import GuestDataError, VmiError
-from vmishell.limits import Limits
+from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.kernel import KernelLocation, locate_kernel
 from vmishell.os.linux.layout import maple_layout, mm_layout, task_layout, vma_layout
-from vmishell.os.linux.reader import KernelReader
+from vmishell.os.linux.reader import KernelReader, decode_guest_string
 from vmishell.os.linux.tasks import Task, TaskWalker
 from vmishell.os.linux.vmas import Vma, VmaWalker
 from vmishell.sources.base import PhysicalSource
@@ -34,7 +34,7 @@ class LinuxGuest:
         self.profile = profile
         self.limits = limits or Limits()
         self.location = location or locate_kernel(source, profile, self.limits)
-        self.kernel_translator = Translator(source, self.location.dtb, self.location.mode)
+        self.kernel_translator = self.translator(self.location.dtb)
         self.kernel_space = AddressSpace(self.kernel_translator)
         self.reader = KernelReader(self.kernel_space, profile.pointer_size)
         self._tasks = TaskWalker(self.reader, task_layout(profile), self.limits)
@@ -85,21 +85,35 @@ class LinuxGuest:
             return self.location.dtb
         return self.pgd_physical(task.mm)
 
-    def address_space(self, dtb: int) -> AddressSpace:
-        return AddressSpace(Translator(self.source, dtb, self.location.mode))
+    def translator(self, dtb: int) -> Translator:
+        """A translator for one address space, with the session's mapping-work cap."""
+        return Translator(
+            self.source, dtb, self.location.mode, max_mapping_work=self.limits.max_mapping_work
+        )
 
-    def vmas(self, task: Task) -> list[Vma]:
+    def address_space(self, dtb: int) -> AddressSpace:
+        return AddressSpace(self.translator(dtb))
+
+    def vmas(self, task: Task, budget: TextBudget | None = None) -> list[Vma]:
         if not task.mm:
             return []
-        return self._vmas.vmas(task.mm)
+        return self._vmas.vmas(task.mm, budget)
 
-    def cmdline(self, task: Task, space: AddressSpace) -> list[str] | None:
-        """argv read from the process's own memory (None for kernel threads)."""
+    def cmdline(
+        self, task: Task, space: AddressSpace, budget: TextBudget | None = None
+    ) -> list[str] | None:
+        """argv read from the process's own memory (None for kernel threads).
+
+        The argument area's size is checked against `max_cmdline` and charged
+        to `budget` before anything is read.
+        """
         if not task.mm:
             return None
         start = self.reader.pointer(task.mm + self._mm.arg_start)
         end = self.reader.pointer(task.mm + self._mm.arg_end)
         if not 0 <= end - start <= self.limits.max_cmdline:
             raise GuestDataError(f"pid {task.pid}: implausible argument area {start:#x}-{end:#x}")
+        if budget is not None:
+            budget.charge(end - start, f"pid {task.pid}: command line")
         raw = space.read(start, end - start, pad=True)
-        return [a.decode("utf-8", "backslashreplace") for a in raw.rstrip(b"\0").split(b"\0")]
+        return [decode_guest_string(a) for a in raw.rstrip(b"\0").split(b"\0")]

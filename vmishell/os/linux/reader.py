@@ -68,14 +68,32 @@ class KernelReader:
         at the head; raises GuestDataError on a cycle that misses the head, a
         list longer than `cap`, or an unreadable link.
         """
-        seen = {head}
         if include_head:
             yield head - link_offset
+        for node, _ in self.walk_links(head, cap, what, check_prev=False):
+            yield node - link_offset
+
+    def walk_links(
+        self, head: int, cap: int, what: str, *, check_prev: bool = True
+    ) -> Iterator[tuple[int, str | None]]:
+        """Yield (list_head address, problem) for each node after `head`.
+
+        With `check_prev`, every node's `prev` must name the node it was
+        reached from, as the kernel's own CONFIG_DEBUG_LIST checks: a `next`
+        pointer redirected past a task (to hide it) or into unrelated memory
+        shows up as a problem on the node it leads to, which is still
+        yielded so the caller can list it as suspect. A cycle that misses
+        the head, a NULL or unreadable link and more than `cap` nodes end the
+        walk with GuestDataError; the seen-set makes the walk's memory and
+        time linear in the nodes actually present.
+        """
+        seen = {head}
         try:
             node = self.pointer(head)
         except VmiError as exc:
             raise GuestDataError(f"{what}: cannot read list head at {head:#x}: {exc}") from exc
         count = 0
+        before = head
         while node != head:
             if node in seen:
                 raise GuestDataError(
@@ -87,7 +105,20 @@ class KernelReader:
             if count > cap:
                 raise GuestDataError(f"{what}: more than {cap} entries (list at {head:#x})")
             seen.add(node)
-            yield node - link_offset
+            problem = None
+            if check_prev:
+                try:
+                    prev = self.pointer(node + self.pointer_size)
+                except VmiError as exc:
+                    problem = f"{what}: cannot read the prev link at {node:#x}: {exc}"
+                else:
+                    if prev != before:
+                        problem = (
+                            f"{what}: reached from {before:#x} but its prev link names "
+                            f"{prev:#x} (list tampered with, or changing: pause a live guest)"
+                        )
+            yield node, problem
+            before = node
             try:
                 node = self.pointer(node)
             except VmiError as exc:

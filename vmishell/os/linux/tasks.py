@@ -17,6 +17,8 @@ from vmishell.os.linux.reader import KernelReader, decode_guest_string
 
 PF_KTHREAD = 0x00200000
 PF_WQ_WORKER = 0x00000020
+#: Characters of a kernel thread's full name that /proc/PID/comm shows.
+KTHREAD_NAME_MAX = 63
 
 _STATE_LETTERS = (
     (0x0001, "S"),
@@ -156,7 +158,10 @@ class TaskWalker:
             if not kthread:
                 return None
             name = self.reader.pointer(kthread + t.kthread_full_name)
-            return self.reader.cstring(name, self.limits.max_string) if name else None
+            # /proc/PID/comm shows at most 63 characters of it (proc_task_name's
+            # buffer), which also keeps a table of many threads small.
+            limit = min(KTHREAD_NAME_MAX, self.limits.max_string)
+            return self.reader.cstring(name, limit) if name else None
         except VmiError:
             return None
 
@@ -167,53 +172,95 @@ class TaskWalker:
             init_task + self.t.tasks, self.t.tasks, self.limits.max_tasks, "init_task.tasks"
         )
 
-    def threads(self, leader: int) -> Iterator[int]:
-        """Addresses of a leader's other threads."""
+    def _thread_links(self, leader: int) -> Iterator[tuple[int, str | None]]:
+        """(address, link problem) of a leader's other threads."""
         t = self.t
+        cap = self.limits.max_threads_per_process
         if t.thread_group is not None:
-            yield from self.reader.walk_list(
-                leader + t.thread_group,
-                t.thread_group,
-                self.limits.max_threads_per_process,
-                f"thread_group of task {leader:#x}",
-            )
+            what = f"thread_group of task {leader:#x}"
+            for node, problem in self.reader.walk_links(leader + t.thread_group, cap, what):
+                yield node - t.thread_group, problem
             return
         if t.signal is None or t.signal_thread_head is None or t.thread_node is None:
             return
         signal = self.reader.pointer(leader + t.signal)
-        for task in self.reader.walk_list(
-            signal + t.signal_thread_head,
-            t.thread_node,
-            self.limits.max_threads_per_process,
-            f"signal.thread_head of task {leader:#x}",
-        ):
-            if task != leader:
-                yield task
+        what = f"signal.thread_head of task {leader:#x}"
+        for node, problem in self.reader.walk_links(signal + t.signal_thread_head, cap, what):
+            if node - t.thread_node != leader:
+                yield node - t.thread_node, problem
+
+    def threads(self, leader: int) -> Iterator[int]:
+        """Addresses of a leader's other threads."""
+        for address, _ in self._thread_links(leader):
+            yield address
 
     def all_tasks(self, init_task: int) -> list[Task]:
-        """Every task; a broken thread list marks its leader instead of failing the walk."""
+        """Every task, each leader followed by its threads.
+
+        A broken list never hides the tasks already found: the row whose link
+        is broken (or that was reached through a link that does not point
+        back) carries the error, and the walk goes on where it safely can.
+        The whole walk is bounded by `max_tasks`, counting every task it
+        steps on, so thread lists that share their members cannot multiply
+        the work.
+        """
+        cap = self.limits.max_tasks
         out: list[Task] = []
         seen: set[int] = set()
-        for leader in self.leaders(init_task):
-            task = self.decode(leader)
-            thread_error = None
-            threads: list[Task] = []
-            if leader != init_task and task.error is None:
-                try:
-                    for addr in self.threads(leader):
-                        if addr not in seen:
-                            seen.add(addr)
-                            threads.append(self.decode(addr))
-                        if len(out) + len(threads) > self.limits.max_tasks:
-                            raise GuestDataError(f"more than {self.limits.max_tasks} tasks")
-                except GuestDataError as exc:
-                    thread_error = str(exc)
-            if thread_error:
-                task = _with_error(task, thread_error)
+        steps = 0
+        links = self.reader.walk_links(init_task + self.t.tasks, cap, "init_task.tasks")
+        leader, link_problem = init_task, None
+        while True:
+            leader_row = len(out)
             seen.add(leader)
+            task = self.decode(leader)
+            decoded = task.error is None
+            if link_problem:
+                task = _with_error(task, link_problem)
             out.append(task)
-            out.extend(threads)
+            steps += 1
+            if leader != init_task and decoded:
+                problem = self._add_threads(leader, out, seen, cap - steps)
+                steps = len(out)
+                if problem:
+                    out[leader_row] = _with_error(out[leader_row], problem)
+            if steps >= cap:
+                out[leader_row] = _with_error(out[leader_row], f"walk stopped at {cap} tasks")
+                break
+            try:
+                node, link_problem = next(links)
+            except StopIteration:
+                break
+            except GuestDataError as exc:
+                out[leader_row] = _with_error(out[leader_row], f"tasks.next: {exc}")
+                break
+            leader = node - self.t.tasks
+            if leader in seen:
+                out[leader_row] = _with_error(
+                    out[leader_row], f"tasks.next leads to task {leader:#x}, already listed"
+                )
+                break
         return out
+
+    def _add_threads(self, leader: int, out: list[Task], seen: set[int], room: int) -> str | None:
+        """Append a leader's threads to `out`; the problem to mark the leader with, if any."""
+        try:
+            for address, link_problem in self._thread_links(leader):
+                if address in seen:
+                    # A thread belongs to one group: a shared member is a crafted
+                    # or corrupt list, and walking on would repeat work per leader.
+                    return f"thread list reaches task {address:#x}, already listed"
+                if room <= 0:
+                    return f"walk stopped at {self.limits.max_tasks} tasks"
+                seen.add(address)
+                thread = self.decode(address)
+                if link_problem:
+                    thread = _with_error(thread, link_problem)
+                out.append(thread)
+                room -= 1
+        except VmiError as exc:
+            return str(exc)
+        return None
 
 
 def _with_error(task: Task, error: str) -> Task:

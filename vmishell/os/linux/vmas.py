@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vmishell.errors import GuestDataError, VmiError
-from vmishell.limits import Limits
+from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.layout import MapleLayout, MmLayout, VmaLayout
 from vmishell.os.linux.reader import KernelReader, decode_guest_string
 
@@ -73,29 +73,62 @@ class VmaWalker:
 
     # -- finding the VMA structures --------------------------------------------------
     def vma_addresses(self, mm: int) -> list[int]:
-        if self.mm.mm_mt is not None and self.maple is not None:
-            found = list(self._maple_entries(mm + self.mm.mm_mt))
-        elif self.mm.mmap is not None and self.v.vm_next is not None:
-            found = list(self._linked_vmas(mm))
-        else:
-            raise GuestDataError("profile has neither mm_struct.mm_mt nor mm_struct.mmap")
+        """Addresses of the mm's VMA structures; raises on the first problem met."""
+        found, problems = self.find_vmas(mm)
+        if problems:
+            raise GuestDataError(problems[0][1])
         return found
 
-    def _linked_vmas(self, mm: int) -> Iterator[int]:
+    def find_vmas(self, mm: int) -> tuple[list[int], list[tuple[int, str]]]:
+        """(distinct VMA addresses, [(where, problem)]) of an mm, best effort.
+
+        A corrupt node or link costs the entries below it, not the whole map:
+        every other part of the structure is still read, and each problem is
+        returned with the address where it was met.
+        """
+        found: list[int] = []
+        problems: list[tuple[int, str]] = []
+        if self.mm.mm_mt is not None and self.maple is not None:
+            walk = self._maple_entries(mm + self.mm.mm_mt, problems)
+        elif self.mm.mmap is not None and self.v.vm_next is not None:
+            walk = self._linked_vmas(mm, problems)
+        else:
+            raise GuestDataError("profile has neither mm_struct.mm_mt nor mm_struct.mmap")
+        seen: set[int] = set()
+        try:
+            for address in walk:
+                if address in seen:
+                    # One VMA in several slots: decode it once (a crafted tree could
+                    # otherwise multiply every VMA's work by its number of slots).
+                    continue
+                if len(found) >= self.limits.max_vmas:
+                    problems.append((mm, f"mm {mm:#x} has more than {self.limits.max_vmas} VMAs"))
+                    break
+                seen.add(address)
+                found.append(address)
+        except VmiError as exc:
+            problems.append((mm, f"VMAs of mm {mm:#x}: {exc}"))
+        return found, problems
+
+    def _linked_vmas(self, mm: int, problems: list[tuple[int, str]]) -> Iterator[int]:
         assert self.mm.mmap is not None and self.v.vm_next is not None
         node = self.r.pointer(mm + self.mm.mmap)
         seen: set[int] = set()
         while node:
             if node in seen:
-                raise GuestDataError(f"VMA list of mm {mm:#x} loops at {node:#x}")
-            if len(seen) >= self.limits.max_vmas:
-                raise GuestDataError(f"mm {mm:#x} has more than {self.limits.max_vmas} VMAs")
+                problems.append((node, f"VMA list of mm {mm:#x} loops at {node:#x}"))
+                return
             seen.add(node)
             yield node
             node = self.r.pointer(node + self.v.vm_next)
 
-    def _maple_entries(self, tree: int) -> Iterator[int]:
-        """Every entry stored in a maple tree, bounded by depth, node count and a seen-set."""
+    def _maple_entries(self, tree: int, problems: list[tuple[int, str]]) -> Iterator[int]:
+        """Every entry stored in a maple tree, bounded by depth, node count and a seen-set.
+
+        A node that fails a check (reached twice, wrong parent, unknown type,
+        unreadable) is reported in `problems` and its subtree skipped. The
+        stack holds at most depth x slots entries, so memory stays bounded.
+        """
         m = self.maple
         assert m is not None
         root = self.r.pointer(tree + m.tree_root)
@@ -105,37 +138,49 @@ class VmaWalker:
             # A tree holding one entry at index 0 keeps it in ma_root itself.
             yield root
             return
+        where = f"maple tree at {tree:#x}"
         seen: set[int] = set()
         stack = [(root, tree, 1)]
         while stack:
             entry, parent, depth = stack.pop()
             node = entry & ~MAPLE_NODE_MASK
             if node in seen:
-                raise GuestDataError(f"maple tree at {tree:#x}: node {node:#x} reached twice")
+                problems.append((node, f"{where}: node {node:#x} reached twice"))
+                continue
             if depth > self.limits.max_tree_depth:
-                raise GuestDataError(
-                    f"maple tree at {tree:#x}: deeper than {self.limits.max_tree_depth} levels"
+                problems.append(
+                    (node, f"{where}: deeper than {self.limits.max_tree_depth} levels at {node:#x}")
                 )
+                continue
             seen.add(node)
             if len(seen) > self.limits.max_tree_nodes:
-                raise GuestDataError(
-                    f"maple tree at {tree:#x}: over {self.limits.max_tree_nodes} nodes"
-                )
-            raw_parent = self.r.pointer(node + m.node_parent)
-            if (raw_parent & ~MAPLE_NODE_MASK) != (parent & ~MAPLE_NODE_MASK):
-                raise GuestDataError(
-                    f"maple tree at {tree:#x}: node {node:#x} names parent "
-                    f"{raw_parent & ~MAPLE_NODE_MASK:#x}, expected {parent & ~MAPLE_NODE_MASK:#x}"
-                )
-            kind = (entry >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK
-            if kind == MAPLE_ARANGE_64:
-                slots = self._slots(node + m.arange_slot, m.arange_slots)
-            elif kind in (MAPLE_RANGE_64, MAPLE_LEAF_64):
-                slots = self._slots(node + m.range_slot, m.range_slots)
-            elif kind == MAPLE_DENSE:
-                slots = self._slots(node + m.dense_slot, m.dense_slots)
-            else:
-                raise GuestDataError(f"maple tree at {tree:#x}: node {node:#x} has type {kind}")
+                problems.append((node, f"{where}: over {self.limits.max_tree_nodes} nodes"))
+                return
+            try:
+                raw_parent = self.r.pointer(node + m.node_parent)
+                if (raw_parent & ~MAPLE_NODE_MASK) != (parent & ~MAPLE_NODE_MASK):
+                    problems.append(
+                        (
+                            node,
+                            f"{where}: node {node:#x} names parent "
+                            f"{raw_parent & ~MAPLE_NODE_MASK:#x}, "
+                            f"expected {parent & ~MAPLE_NODE_MASK:#x}",
+                        )
+                    )
+                    continue
+                kind = (entry >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK
+                if kind == MAPLE_ARANGE_64:
+                    slots = self._slots(node + m.arange_slot, m.arange_slots)
+                elif kind in (MAPLE_RANGE_64, MAPLE_LEAF_64):
+                    slots = self._slots(node + m.range_slot, m.range_slots)
+                elif kind == MAPLE_DENSE:
+                    slots = self._slots(node + m.dense_slot, m.dense_slots)
+                else:
+                    problems.append((node, f"{where}: node {node:#x} has type {kind}"))
+                    continue
+            except VmiError as exc:
+                problems.append((node, f"{where}: node {node:#x} is unreadable: {exc}"))
+                continue
             if kind in (MAPLE_LEAF_64, MAPLE_DENSE):
                 # The last slot of a partly filled node holds its metadata, not an entry.
                 yield from (s for s in slots if self._kernel_pointer(s))
@@ -143,10 +188,14 @@ class VmaWalker:
                 for child in reversed(slots):
                     if child and self._kernel_pointer(child & ~MAPLE_NODE_MASK):
                         if not _is_node(child):
-                            raise GuestDataError(
-                                f"maple tree at {tree:#x}: internal node {node:#x} "
-                                f"holds a non-node slot {child:#x}"
+                            problems.append(
+                                (
+                                    node,
+                                    f"{where}: internal node {node:#x} "
+                                    f"holds a non-node slot {child:#x}",
+                                )
                             )
+                            continue
                         stack.append((child, node, depth + 1))
 
     def _kernel_pointer(self, value: int) -> bool:
@@ -161,20 +210,30 @@ class VmaWalker:
         return [int.from_bytes(raw[i : i + size], "little") for i in range(0, len(raw), size)]
 
     # -- decoding ------------------------------------------------------------------
-    def vmas(self, mm: int) -> list[Vma]:
-        """The mm's VMAs sorted by address; stale or foreign entries are dropped."""
+    def vmas(self, mm: int, budget: TextBudget | None = None) -> list[Vma]:
+        """The mm's VMAs sorted by address; stale or foreign entries are dropped.
+
+        What cannot be decoded is kept as a row with `error` set (start and
+        end 0 when the VMA itself is unreadable), after the good rows, so
+        one corrupt structure neither hides the rest of the map nor passes
+        for a mapping. Files and dentries shared by several VMAs are decoded
+        once per call, and the paths' text is charged to `budget`.
+        """
         v, r = self.v, self.r
+        budget = budget or TextBudget(self.limits.max_text)
         start_brk = r.pointer(mm + self.mm.start_brk)
         brk = r.pointer(mm + self.mm.brk)
         start_stack = r.pointer(mm + self.mm.start_stack)
+        addresses, problems = self.find_vmas(mm)
+        files = _FileCache(self, budget)
         out: dict[int, Vma] = {}
-        for address in self.vma_addresses(mm):
-            if len(out) >= self.limits.max_vmas:
-                raise GuestDataError(f"mm {mm:#x} has more than {self.limits.max_vmas} VMAs")
+        bad: list[Vma] = [_error_row(where, problem) for where, problem in problems]
+        for address in addresses:
             try:
                 raw = r.read(address, v.size)
             except VmiError as exc:
-                raise GuestDataError(f"VMA at {address:#x} of mm {mm:#x}: {exc}") from exc
+                bad.append(_error_row(address, f"VMA at {address:#x} of mm {mm:#x}: {exc}"))
+                continue
             ptr = self._ptr
             start, end = ptr(raw, v.vm_start), ptr(raw, v.vm_end)
             if ptr(raw, v.vm_mm) != mm or not start < end:
@@ -188,7 +247,7 @@ class VmaWalker:
             try:
                 if file:
                     offset = pgoff << 12
-                    path, device, inode = self.file_identity(file)
+                    path, device, inode = files.identity(file)
                 elif self._is_special(raw):
                     assert v.vm_private_data is not None
                     name = r.pointer(ptr(raw, v.vm_private_data))
@@ -200,7 +259,7 @@ class VmaWalker:
             except VmiError as exc:
                 error = str(exc)
             out[start] = Vma(address, start, end, flags, offset, device, inode, path, error)
-        return [out[k] for k in sorted(out)]
+        return [out[k] for k in sorted(out)] + bad
 
     def _is_special(self, raw: bytes) -> bool:
         """Whether a VMA is a named special mapping ([vdso], [vvar])."""
@@ -215,10 +274,43 @@ class VmaWalker:
 
     def file_identity(self, file: int) -> tuple[str, str, int]:
         """(path, "major:minor", inode number) of an open file."""
-        v, r = self.v, self.r
+        return _FileCache(self, TextBudget(self.limits.max_text)).identity(file)
+
+    def dentry_path(self, dentry: int, mnt: int) -> str:
+        """The path of a dentry, crossing mount points, bounded in depth and length."""
+        return _FileCache(self, TextBudget(self.limits.max_text)).path(dentry, mnt)
+
+
+class _FileCache:
+    """Files and paths decoded during one `vmas()` call, each once.
+
+    A thousand VMAs of one file cost one path walk, and their rows share
+    one string, so a crafted map cannot multiply a deep path by its VMAs.
+    """
+
+    def __init__(self, walker: VmaWalker, budget: TextBudget) -> None:
+        self.w = walker
+        self.budget = budget
+        self._files: dict[int, tuple[str, str, int] | VmiError] = {}
+        self._paths: dict[tuple[int, int], tuple[str, int] | VmiError] = {}
+
+    def identity(self, file: int) -> tuple[str, str, int]:
+        known = self._files.get(file)
+        if known is None:
+            try:
+                known = self._identity(file)
+            except VmiError as exc:
+                known = exc
+            self._files[file] = known
+        if isinstance(known, VmiError):
+            raise known
+        return known
+
+    def _identity(self, file: int) -> tuple[str, str, int]:
+        v, r = self.w.v, self.w.r
         dentry = r.pointer(file + v.file_path + v.path_dentry)
         mnt = r.pointer(file + v.file_path + v.path_mnt)
-        path = self.dentry_path(dentry, mnt)
+        path = self.path(dentry, mnt)
         device, inode = "00:00", 0
         if v.dentry_inode is not None and v.inode_ino is not None:
             ino = r.pointer(dentry + v.dentry_inode)
@@ -230,32 +322,95 @@ class VmaWalker:
                     device = f"{dev >> 20:02x}:{dev & 0xFFFFF:02x}"
         return path, device, inode
 
-    def dentry_path(self, dentry: int, mnt: int) -> str:
-        """The path of a dentry, crossing mount points, bounded in depth."""
-        v, r = self.v, self.r
-        parts: list[str] = []
-        mount = mnt - v.mount_mnt if mnt and v.mount_mnt is not None else 0
-        for _ in range(self.limits.max_path_depth):
-            parent = r.pointer(dentry + v.dentry_parent)
-            mnt_root = (
-                r.pointer(mnt + v.vfsmount_root) if mnt and v.vfsmount_root is not None else 0
-            )
-            if dentry in (mnt_root, parent):
-                if mount and v.mount_parent is not None and v.mount_mountpoint is not None:
-                    parent_mount = r.pointer(mount + v.mount_parent)
-                    if parent_mount and parent_mount != mount:
-                        dentry = r.pointer(mount + v.mount_mountpoint)
-                        mount = parent_mount
-                        mnt = mount + (v.mount_mnt or 0)
-                        continue
-                break
-            name_ptr = r.pointer(dentry + v.dentry_name + v.qstr_name)
-            length = min(r.u32(dentry + v.dentry_name + v.qstr_len), self.limits.max_string)
-            parts.append(decode_guest_string(r.read(name_ptr, length)) if length else "")
-            dentry = parent
-        else:
-            raise GuestDataError(f"path deeper than {self.limits.max_path_depth} components")
-        return "/" + "/".join(reversed(parts))
+    def path(self, dentry: int, mnt: int) -> str:
+        """The path of a dentry under a vfsmount ("/" for a root)."""
+        prefix, _ = self._prefix(dentry, mnt)
+        return prefix or "/"
+
+    def _prefix(self, dentry: int, mnt: int) -> tuple[str, int]:
+        """(path without its trailing "/", depth) of a dentry, each ancestor walked once.
+
+        Walks d_parent (and mount points) up to the root or to an ancestor
+        already known from this call, then builds the paths back down,
+        keeping every ancestor's: many files under one deep directory cost
+        one walk of it, not one each. Loops, chains deeper than
+        `max_path_depth` and paths longer than `max_path_length` are errors,
+        remembered for every dentry they concern.
+        """
+        w = self.w
+        v, r, limits = w.v, w.r, w.limits
+        chain: list[tuple[tuple[int, int], str | None]] = []  # leaf first; None: a mount
+        visited: set[tuple[int, int]] = set()
+        key = (dentry, mnt)
+        try:
+            while True:
+                known = self._paths.get(key)
+                if known is not None:
+                    if isinstance(known, VmiError):
+                        raise known
+                    base, depth = known
+                    break
+                if key in visited:
+                    raise GuestDataError(f"path of dentry {dentry:#x}: d_parent chain loops")
+                if len(chain) >= limits.max_path_depth:
+                    raise GuestDataError(f"path deeper than {limits.max_path_depth} components")
+                visited.add(key)
+                current, current_mnt = key
+                parent = r.pointer(current + v.dentry_parent)
+                mnt_root = (
+                    r.pointer(current_mnt + v.vfsmount_root)
+                    if current_mnt and v.vfsmount_root is not None
+                    else 0
+                )
+                if current in (mnt_root, parent):
+                    mount = (
+                        current_mnt - v.mount_mnt if current_mnt and v.mount_mnt is not None else 0
+                    )
+                    if mount and v.mount_parent is not None and v.mount_mountpoint is not None:
+                        parent_mount = r.pointer(mount + v.mount_parent)
+                        if parent_mount and parent_mount != mount:
+                            chain.append((key, None))
+                            key = (
+                                r.pointer(mount + v.mount_mountpoint),
+                                parent_mount + (v.mount_mnt or 0),
+                            )
+                            continue
+                    base, depth = "", 0  # the root
+                    break
+                name_ptr = r.pointer(current + v.dentry_name + v.qstr_name)
+                size = r.u32(current + v.dentry_name + v.qstr_len)
+                if size + 1 > limits.max_path_length:
+                    raise GuestDataError(
+                        f"path of dentry {current:#x} is longer than {limits.max_path_length} bytes"
+                    )
+                name = decode_guest_string(r.read(name_ptr, size)) if size else ""
+                chain.append((key, name))
+                key = (parent, current_mnt)
+            path = base
+            for link, component in reversed(chain):
+                depth += 1
+                if depth > limits.max_path_depth:
+                    raise GuestDataError(f"path deeper than {limits.max_path_depth} components")
+                if component is not None:
+                    if len(path) + 1 + len(component) > limits.max_path_length:
+                        raise GuestDataError(
+                            f"path of dentry {link[0]:#x} is longer than "
+                            f"{limits.max_path_length} bytes"
+                        )
+                    path = f"{path}/{component}"
+                    self.budget.charge(len(path), f"path of dentry {link[0]:#x}")
+                self._paths[link] = (path, depth)
+        except VmiError as exc:
+            for link, _ in chain:
+                self._paths.setdefault(link, exc)
+            self._paths.setdefault((dentry, mnt), exc)
+            raise
+        return path, depth
+
+
+def _error_row(address: int, problem: str) -> Vma:
+    """A row for something in a memory map that could not be decoded."""
+    return Vma(address, 0, 0, 0, 0, "00:00", 0, "", problem)
 
 
 def _is_node(entry: int) -> bool:
