@@ -544,10 +544,23 @@ def load(ip: InteractiveShell) -> VmiMagics:
     }
     magics.matcher = make_matcher(MagicCompleter(magics.attached, options=options))
     ip.Completer.custom_matchers.append(magics.matcher)
-    original = manager.magics["line"].get("tb")
+    original = _resolved_line_magic(manager, "tb")
     if not hasattr(original, "_vmishell_original"):
         manager.register_function(_tb_magic(ip, original), "line", "tb")
     return magics
+
+
+def _resolved_line_magic(manager: Any, name: str) -> Callable[..., Any] | None:
+    """The real implementation of a line magic, loading it first if IPython made it lazy.
+
+    IPython 9 registers its own magics as placeholders that import their
+    class on first use; wrapping a placeholder would make it resolve to the
+    wrapper itself.
+    """
+    load_lazy = getattr(manager, "load_lazy", None)
+    if load_lazy is not None:
+        load_lazy(name, "line")
+    return manager.magics["line"].get(name)
 
 
 def unload(ip: InteractiveShell) -> None:
