@@ -149,6 +149,30 @@ def test_a_thread_shared_by_two_groups_is_listed_once_and_stops_the_second_walk(
     assert "already listed" in sleep.error
 
 
+def test_a_list_link_into_foreign_memory_stops_after_two_links_that_do_not_point_back(
+    harness: Harness,
+) -> None:
+    """`sleep`'s thread list led into memory holding list-like pointers that are not a
+    list (campaign seed 52376: 9,682 junk rows, all marked). Two links in a row whose
+    prev does not point back end the walk: the leader says so, one junk row at most."""
+    spot = harness.targets["task:sleep.struct"]
+    direct_map = spot.vaddr - spot.paddr  # slab memory is in the direct map
+    frame = value(harness, "task:vmi-marker.pte.PT") & 0x000F_FFFF_FFFF_F000
+    a, b, c = (frame + 0x800 + 16 * i for i in range(3))  # unused, zeroed bytes
+
+    def node(at: int, next_: int, prev: int) -> tuple[int, bytes]:
+        return at, (direct_map + next_).to_bytes(8, "little") + prev.to_bytes(8, "little")
+
+    junk = [node(a, b, 0x1111), node(b, c, 0x2222), node(c, a, 0x3333)]
+    link = Mutation("task:sleep.thread_group.next", "set", direct_map + a)
+    with harness.source.patched([*junk, *harness.patches([link])]):
+        rows = harness.session.process_rows()
+    sleep = next(r for r in rows if r.comm == "sleep")
+    assert "foreign memory" in sleep.error
+    assert len(rows) <= len(harness.session.process_rows()) + 1
+    assert all(r.error for r in rows if r.tgid == sleep.tgid and r.pid != sleep.pid)
+
+
 def test_a_null_task_link_marks_the_last_task_read(harness: Harness) -> None:
     with mutated(harness, Mutation("task:sleep.tasks.next", "set", 0)) as s:
         rows = s.process_rows()

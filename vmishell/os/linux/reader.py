@@ -94,6 +94,7 @@ class KernelReader:
             raise GuestDataError(f"{what}: cannot read list head at {head:#x}: {exc}") from exc
         count = 0
         before = head
+        astray = False  # the previous node's prev did not point back either
         while node != head:
             if node in seen:
                 raise GuestDataError(
@@ -117,6 +118,14 @@ class KernelReader:
                             f"{what}: reached from {before:#x} but its prev link names "
                             f"{prev:#x} (list tampered with, or changing: pause a live guest)"
                         )
+                if problem and astray:
+                    # Two links in a row that do not point back: this is no longer the
+                    # list but whatever memory the bad link led to. Stop, do not list it.
+                    raise GuestDataError(
+                        f"{what}: links stop pointing back after {before:#x} "
+                        f"(entry {count}): the list leads into foreign memory"
+                    )
+                astray = problem is not None
             yield node, problem
             before = node
             try:

@@ -17,6 +17,8 @@ from vmishell.os.linux.reader import KernelReader, decode_guest_string
 
 PF_KTHREAD = 0x00200000
 PF_WQ_WORKER = 0x00000020
+#: The largest pid a Linux kernel hands out (PID_MAX_LIMIT on 64-bit).
+PID_MAX_LIMIT = 4 * 1024 * 1024
 #: Characters of a kernel thread's full name that /proc/PID/comm shows.
 KTHREAD_NAME_MAX = 63
 
@@ -130,7 +132,7 @@ class TaskWalker:
                 uid, gid = r.u32(cred + t.cred_uid), r.u32(cred + t.cred_gid)
             except VmiError as exc:
                 errors.append(f"cred: {exc}")
-        if pid < 0 or tgid < 0:
+        if not (0 <= pid <= PID_MAX_LIMIT and 0 <= tgid <= PID_MAX_LIMIT):
             errors.append(f"implausible pid {pid} / tgid {tgid}")
         return Task(
             address=address,
@@ -217,10 +219,13 @@ class TaskWalker:
             decoded = task.error is None
             if link_problem:
                 task = _with_error(task, link_problem)
+            if leader != init_task and decoded and task.pid != task.tgid:
+                # Only thread-group leaders are on init_task.tasks.
+                task = _with_error(task, f"listed as a leader but its tgid is {task.tgid}")
             out.append(task)
             steps += 1
             if leader != init_task and decoded:
-                problem = self._add_threads(leader, out, seen, cap - steps)
+                problem = self._add_threads(leader, task.tgid, out, seen, cap - steps)
                 steps = len(out)
                 if problem:
                     out[leader_row] = _with_error(out[leader_row], problem)
@@ -242,7 +247,9 @@ class TaskWalker:
                 break
         return out
 
-    def _add_threads(self, leader: int, out: list[Task], seen: set[int], room: int) -> str | None:
+    def _add_threads(
+        self, leader: int, tgid: int, out: list[Task], seen: set[int], room: int
+    ) -> str | None:
         """Append a leader's threads to `out`; the problem to mark the leader with, if any."""
         try:
             for address, link_problem in self._thread_links(leader):
@@ -256,6 +263,10 @@ class TaskWalker:
                 thread = self.decode(address)
                 if link_problem:
                     thread = _with_error(thread, link_problem)
+                if thread.error is None and thread.tgid != tgid:
+                    thread = _with_error(
+                        thread, f"in thread group {tgid} but its tgid is {thread.tgid}"
+                    )
                 out.append(thread)
                 room -= 1
         except VmiError as exc:
