@@ -85,6 +85,10 @@ class LabError(VmiError):
     """A lab guest could not be built, started, reached or stopped."""
 
 
+class NoSuchInstance(LabError):
+    """No lab instance (or VM) of that name exists at all (as opposed to one that died)."""
+
+
 class MissingToolError(LabError):
     """A host program vmishell needs is not installed; names the Debian package."""
 
@@ -96,3 +100,30 @@ class MissingToolError(LabError):
 
 class QmpError(SourceError):
     """A QMP command to a QEMU guest failed or the socket could not be reached."""
+
+
+class TargetGone(SourceError):
+    """The target can no longer answer: the session was closed or the guest ended."""
+
+
+class SessionClosed(TargetGone):
+    """The session (or source) was closed; nothing of the target is mapped any more."""
+
+
+class TargetEnded(TargetGone):
+    """A live target ended (VM process exited, RAM file truncated or removed).
+
+    `when` is the host time (seconds since the epoch) at which vmishell noticed.
+    """
+
+    def __init__(self, message: str, when: float) -> None:
+        self.when = when
+        super().__init__(message)
+
+
+class StaleObjectError(VmiError):
+    """An object (a Process) was taken from a boot of the guest that has since ended."""
+
+
+class GuestRebooting(SourceError):
+    """The guest was reset and its new kernel cannot be found yet (it is still booting)."""

@@ -3,21 +3,50 @@
 A Session joins a memory source, a kernel profile and the Linux layer. It
 returns data (DataFrames, dataclasses, bytes) and never prints, so the same
 calls serve the IPython magics, widgets, the command line and scripts.
+
+Live truth: on a live guest every top-level call (a `Process`'s read,
+translate, walk, mappings, maps; the session's processes and process) sees
+the guest's page tables as they are when the call starts, as a CPU does
+after a TLB flush. Caches live within one call, or across calls inside
+`paused()` (the guest is stopped) or `cached()` (the caller accepts stale
+answers for speed); batch calls (`read_many`, `translate_many`) are one call.
+
+Lifecycle: each top-level call first asks the source whether the target
+still exists (cheaply) and whether the guest was reset. An ended target
+raises TargetEnded on every call, for the session and every Process taken
+from it. A reboot makes the session find the kernel again (new KASLR, new
+task list) and say so once (a RuntimeWarning and `events`); a Process
+taken before the reboot raises StaleObjectError instead of reading another
+process's memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmishell import schemes
 from vmishell.arch import AddressSpace, Mapping, Translation, Walk
-from vmishell.errors import GuestDataError, SourceError, VmiError
+from vmishell.errors import (
+    GuestDataError,
+    GuestRebooting,
+    NoSuchInstance,
+    SessionClosed,
+    SourceError,
+    StaleObjectError,
+    VmiError,
+)
 from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.guest import LinuxGuest
+from vmishell.os.linux.kernel import locate_kernel
+from vmishell.os.linux.liveness import KernelPulse, runs_on_cpu, ticks
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
 from vmishell.sources import open_image
@@ -29,6 +58,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 ProfileArg = Profile | str | os.PathLike[str] | None
+_TARGET_KINDS = (
+    "lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, libvmi-file:DUMP or an image path"
+)
 
 PROCESS_COLUMNS = [
     "pid", "tgid", "ppid", "comm", "state", "uid", "gid", "start_time",
@@ -66,33 +98,68 @@ class Process:
         self.dtb = dtb
         self.translator = session.guest.translator(dtb)
         self.space = AddressSpace(self.translator)
+        #: The boot of the guest this process belongs to (see `Session.boot`).
+        self.boot = session.boot
 
     @property
     def comm(self) -> str:
         return self.task.comm if self.task else "kernel"
 
-    def read(self, vaddr: int, size: int, *, pad: bool = False) -> bytes:
+    def _begin(self) -> None:
+        """Start a top-level call: the target must live and this process's boot be current."""
+        self.session._begin()
+        if self.boot != self.session.boot:
+            raise StaleObjectError(
+                f"pid {self.pid} ({self.comm}) was taken before {self.session.name} "
+                f"rebooted ({self.session.events[-1] if self.session.events else 'reboot'}): "
+                f"take it again with process({self.pid})"
+            )
+
+    def _check_size(self, size: int) -> None:
         if size > self.session.limits.max_read:
             raise VmiError(
                 f"read of {size} bytes is over the session limit of {self.session.limits.max_read}"
             )
+
+    def read(self, vaddr: int, size: int, *, pad: bool = False) -> bytes:
+        self._check_size(size)
+        self._begin()
         return self.space.read(vaddr, size, pad=pad)
 
+    def read_many(self, requests: Iterable[tuple[int, int]], *, pad: bool = False) -> list[bytes]:
+        """Several reads as one call: one look at the guest's page tables serves them all."""
+        wanted = list(requests)
+        self._check_size(sum(size for _, size in wanted))
+        self._begin()
+        read = self.space.read
+        return [read(vaddr, size, pad=pad) for vaddr, size in wanted]
+
     def translate(self, vaddr: int) -> Translation:
+        self._begin()
         return self.translator.translate(vaddr)
 
+    def translate_many(self, vaddrs: Iterable[int]) -> list[Translation]:
+        """Several translations as one call (one walk per page; raises the first PageFault)."""
+        self._begin()
+        translate = self.translator.translate
+        return [translate(v) for v in vaddrs]
+
     def walk(self, vaddr: int) -> Walk:
+        self._begin()
         return self.translator.walk(vaddr)
 
     def mappings(
         self, start: int = 0, end: int | None = None, *, max_work: int | None = None
     ) -> Iterator[Mapping]:
         """Coalesced mapped runs; work capped by `max_work` or `Limits.max_mapping_work`."""
+        self._begin()
         return self.translator.mappings(start, end, max_work=max_work)
 
     def vmas(self) -> list[Vma]:
         if self.task is None:
+            self._begin()
             return []
+        self._begin()
         return self.session.guest.vmas(self.task)
 
     def maps(self) -> pd.DataFrame:
@@ -106,6 +173,7 @@ class Process:
         return pd.DataFrame(rows, columns=MAPS_COLUMNS)
 
     def cmdline(self) -> list[str] | None:
+        self._begin()
         if self.task is None:
             return None
         return self.session.guest.cmdline(self.task, self.space)
@@ -128,16 +196,25 @@ class Session:
         self.source = source
         self.limits = limits or Limits()
         self.name = name or source.description
+        #: Boots of the guest this session has followed (0 at attach, +1 per reboot).
+        self.boot = 0
+        #: What happened to the target while attached, one line each, oldest first.
+        self.events: list[str] = []
+        self._closed = False
+        self._pinned = 0
+        self._resets = source.resets
+        self._reboot_pending: str | None = None
         try:
             if profile is None:
                 profile = find_profile(source, limits=self.limits)
             elif not isinstance(profile, Profile):
                 profile = load_profile(Path(profile))
             self.profile = profile
-            self.guest = LinuxGuest(source, profile, self.limits)
+            self.guest = LinuxGuest(source, profile, self.limits, self._locate())
         except BaseException:
             source.close()
             raise
+        self._pulse = self._new_pulse()
 
     # -- attaching ----------------------------------------------------------------
     @classmethod
@@ -162,11 +239,25 @@ class Session:
         profile: ProfileArg = None,
         limits: Limits | None = None,
         name: str | None = None,
+        pid: int | None = None,
+        events_path: str | os.PathLike[str] | None = None,
     ) -> Session:
-        """A running QEMU guest through its shared RAM file (and QMP socket)."""
+        """A running QEMU guest through its shared RAM file (and QMP socket).
+
+        `pid` (QEMU's; learnt from the QMP socket when not given) lets the
+        session notice that the VM ended; `events_path`, a QMP socket reserved
+        for events, lets it notice a guest reset at once.
+        """
         from vmishell.sources.files import QemuRamSource
 
-        source = QemuRamSource(ram_path, qmp_path, machine=machine, writable=writable)
+        source = QemuRamSource(
+            ram_path,
+            qmp_path,
+            machine=machine,
+            writable=writable,
+            pid=pid,
+            events_path=events_path,
+        )
         return cls(source, profile, limits=limits, name=name or f"qemu:{ram_path}")
 
     @classmethod
@@ -178,19 +269,8 @@ class Session:
         limits: Limits | None = None,
         writable: bool = False,
     ) -> Session:
-        """A running lab guest, by its instance name."""
-        from vmishell.lab.runner import attach
-
-        guest = attach(name)
-        return cls.qemu(
-            guest.ram_path,
-            guest.qmp_path,
-            machine=guest.guest.machine,
-            writable=writable,
-            profile=profile,
-            limits=limits,
-            name=f"lab:{name}",
-        )
+        """A running lab guest, by its instance name (`lab:NAME`)."""
+        return cls.attach(f"lab:{name}", profile=profile, limits=limits, writable=writable)
 
     @classmethod
     def attach(
@@ -202,10 +282,9 @@ class Session:
         writable: bool = False,
     ) -> Session:
         """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
-        `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), or an image path."""
+        `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), an image path, or a bare
+        lab instance name. Schemes of other packages come from `vmishell.schemes`."""
         text = os.fspath(target)
-        if text.startswith("lab:"):
-            return cls.lab(text[4:], profile=profile, limits=limits, writable=writable)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
             return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
@@ -217,24 +296,150 @@ class Session:
                     raise SourceError(f"{text}: LibVMI targets are opened read-only")
                 source = LibvmiSource(text[len(prefix) :], mode)
                 return cls(source, profile, limits=limits, name=text)
+        options = {"profile": profile, "limits": limits, "writable": writable}
+        scheme, colon, rest = text.partition(":")
+        if colon and scheme.isidentifier():
+            open_scheme = schemes.opener(scheme)
+            if open_scheme is not None:
+                return open_scheme(rest, **options)
         if Path(text).exists():
             if writable:
                 raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
+        if colon and scheme.isidentifier():
+            kinds = ", ".join(["qemu", "xen", "kvm", "libvmi-file", *schemes.known()])
+            raise SourceError(f"{text!r}: no target kind {scheme!r} and no such file ({kinds})")
+        open_lab = schemes.opener("lab")
+        if open_lab is not None:
+            try:
+                return open_lab(text, **options)
+            except NoSuchInstance as exc:
+                raise SourceError(
+                    f"{text!r} is neither a file nor a lab instance: {exc} "
+                    f"(targets: {_TARGET_KINDS})"
+                ) from exc
+        raise SourceError(f"{text!r} is not a file, nor a target vmishell knows ({_TARGET_KINDS})")
+
+    # -- live truth and lifecycle -------------------------------------------------------
+    def _locate(self, *, after_reset: bool = False):  # -> KernelLocation
+        """Find the running kernel: the one the vCPU's page tables map, when registers tell.
+
+        After a reset the old kernel's bytes still check out in RAM, so a
+        candidate must then also show a sign of life (its CR3, or its ticks).
+        """
+        source = self.source
+        regs = None
+        if source.live:
+            try:
+                regs = source.registers()
+            except VmiError:
+                regs = None
+        accept = runs_on_cpu(source, self.profile, regs) if regs is not None else None
+        if accept is None and after_reset:
+            accept = ticks(source, self.profile)
+        return locate_kernel(source, self.profile, self.limits, accept=accept, regs=regs)
+
+    def _new_pulse(self) -> KernelPulse | None:
+        """Watch the kernel's ticks when the source cannot report resets itself."""
+        if not self.source.live or self.source.resets is not None:
+            return None
+        return KernelPulse(self.source, self.guest.location, self.profile)
+
+    def _begin(self) -> None:
+        """Start a top-level call: check the target's life, then drop stale views.
+
+        Cheap (a few attribute reads and one fstat on a RAM file) because every
+        read of a live guest goes through here.
+        """
+        if self._closed:
+            raise SessionClosed(f"session {self.name} is closed")
+        source = self.source
+        source.check()
+        if not source.live:
+            return
+        if not self._pinned:
+            source.refresh()
+        resets = source.resets
+        if resets is not None and resets != self._resets:
+            self._reboot_pending = (
+                self._reboot_pending or f"QEMU reported {resets - (self._resets or 0)} reset(s)"
+            )
+            self._resets = resets
+        elif self._pulse is not None and self._reboot_pending is None:
+            sign = self._pulse.check()
+            if sign == "still":
+                self._verify_kernel()
+            elif sign is not None:
+                self._reboot_pending = sign
+        if self._reboot_pending is not None:
+            self._follow_reboot()
+
+    def _verify_kernel(self) -> None:
+        """The kernel's ticks stopped: paused, idle, or rebooted elsewhere? Look again."""
+        if self.source.state == "paused":
+            return
         try:
-            return cls.lab(text, profile=profile, limits=limits, writable=writable)
+            location = self._locate(after_reset=True)
         except VmiError:
-            raise SourceError(
-                f"{text!r} is neither a file nor a running lab guest "
-                "(use lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, "
-                "libvmi-file:DUMP or an image path)"
-            ) from None
+            return  # no live kernel visible now (paused by another tool, or booting): ask later
+        old = self.guest.location
+        if (location.physical_shift, location.virtual_shift) != (
+            old.physical_shift,
+            old.virtual_shift,
+        ):
+            self._reboot_pending = "the located kernel stopped ticking and another one runs"
+
+    def _follow_reboot(self) -> None:
+        """Locate the new boot's kernel and move the session onto it (or say why not yet)."""
+        why = self._reboot_pending
+        stamp = time.strftime("%H:%M:%S")
+        try:
+            location = self._locate(after_reset=True)
+            guest = LinuxGuest(self.source, self.profile, self.limits, location)
+        except VmiError as exc:
+            raise GuestRebooting(
+                f"{self.name} rebooted ({why}) and its new kernel is not found yet: {exc}"
+            ) from exc
+        old = self.guest.location
+        self.guest = guest
+        self.boot += 1
+        self._reboot_pending = None
+        self._pulse = self._new_pulse()
+        message = (
+            f"guest rebooted at {stamp} ({why}); kernel located again "
+            f"(KASLR {old.virtual_shift:#x} -> {location.virtual_shift:#x})"
+        )
+        self.events.append(message)
+        warnings.warn(f"{self.name}: {message}", RuntimeWarning, stacklevel=4)
+
+    @property
+    def state(self) -> str:
+        """What the session last saw of its target.
+
+        "running", "paused", "rebooting" (reset, new kernel not found yet),
+        "rebooted" (running a boot after the one attached to), "ended",
+        "closed", or "image" (not live).
+        """
+        if self._closed:
+            return "closed"
+        state = self.source.state
+        if state == "running":
+            if self._reboot_pending is not None:
+                return "rebooting"
+            if self.boot:
+                return "rebooted"
+        return state
+
+    def poll(self) -> str:
+        """Look at the target now (its life only, cheaply) and return `state`."""
+        with contextlib.suppress(VmiError):  # the state says what happened
+            self._begin()
+        return self.state
 
     # -- the guest's processes ----------------------------------------------------------
     def tasks(self) -> list[Task]:
         """Every task; on a live guest, as it is now (cached translations are dropped)."""
-        if self.source.live:
-            self.source.refresh()
+        self._begin()
         return self.guest.tasks()
 
     def process_rows(self, *, threads: bool = True, cmdline: bool = True) -> list[ProcessRow]:
@@ -308,6 +513,7 @@ class Session:
     def process(self, pid: int) -> Process:
         """A process by pid; pid 0 is the kernel's own address space."""
         if pid == 0:
+            self._begin()
             return Process(self, None, self.guest.location.dtb)
         for task in self.tasks():
             if task.pid == pid:
@@ -324,6 +530,7 @@ class Session:
 
     def symbol(self, name: str) -> int:
         """Run-time virtual address of a kernel symbol (KASLR applied)."""
+        self._begin()
         return self.guest.symbol(name)
 
     # -- live guests ------------------------------------------------------------------------
@@ -337,17 +544,44 @@ class Session:
 
     @contextmanager
     def paused(self) -> Iterator[Session]:
-        """Stop a live guest for a consistent view, resuming it afterwards."""
+        """Stop a live guest for a consistent view, resuming it afterwards.
+
+        While paused, caches are kept across calls: the guest cannot change.
+        """
+        self._begin()
         pause = getattr(self.source, "paused", None)
         if pause is None:
             if self.source.live:
                 raise SourceError(f"{self.source.description} cannot be paused")
             yield self
             return
-        with pause():
+        with pause(), self._pin():
             yield self
 
+    @contextmanager
+    def cached(self) -> Iterator[Session]:
+        """Keep translations and tables across calls although a live guest runs.
+
+        An explicit trade of truth for speed: inside the block a page the
+        guest remaps may still be read at its old frame. Prefer `paused()`,
+        or batch calls (`read_many`, `translate_many`), which are fast and true.
+        """
+        self._begin()
+        with self._pin():
+            yield self
+
+    @contextmanager
+    def _pin(self) -> Iterator[None]:
+        self._pinned += 1
+        try:
+            yield
+        finally:
+            self._pinned -= 1
+            self.source.refresh()
+
     def close(self) -> None:
+        """Release the target: nothing of it stays mapped, later calls raise SessionClosed."""
+        self._closed = True
         self.source.close()
 
     def __enter__(self) -> Session:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from vmishell.errors import PageFault, VmiError
+from vmishell.arch import AddressSpace, PagingMode, Translator
+from vmishell.arch.builder import PageTableBuilder
+from vmishell.errors import PageFault, SessionClosed, VmiError
 from vmishell.frontends.targets import NoTargetError, Targets, default_name
 from vmishell.frontends.watch import HISTORY_COLUMNS, Watcher, diff
+from vmishell.sources.files import QemuRamSource
 
 ADDR = 0x600040
 
@@ -29,15 +33,12 @@ class TickingProcess:
         self.refreshes = 0
         self.fail_after = fail_after
         self.session = SimpleNamespace(refresh=self.refresh)
-        self.closed = threading.Event()
 
     def refresh(self) -> None:
         self.refreshes += 1
         self.counter += self.step
 
     def read(self, vaddr: int, size: int) -> bytes:
-        if self.closed.is_set():
-            raise ValueError("mmap closed")  # what a closed source really raises
         if self.fail_after is not None and self.refreshes > self.fail_after:
             raise PageFault(vaddr, "PT")
         data = self.counter.to_bytes(8, "little")
@@ -92,16 +93,48 @@ def test_read_errors_are_recorded_and_the_watch_goes_on() -> None:
     assert len(w.history) == 1  # only the change between the two good reads
 
 
-def test_a_source_closed_under_the_thread_ends_the_watch_with_the_reason() -> None:
-    proc = TickingProcess()
+class SpaceProcess:
+    """A process over a real RAM file: page tables built in bytes, read through the walker."""
+
+    def __init__(self, path: Path) -> None:
+        b = PageTableBuilder(PagingMode.LEVEL4, 4 << 20)
+        b.map(ADDR & ~0xFFF, 0x200000)
+        path.write_bytes(bytes(b.ram))
+        self.source = QemuRamSource(path)
+        self.space = AddressSpace(Translator(self.source, b.dtb, PagingMode.LEVEL4))
+        self.pid = 84
+        self.session = SimpleNamespace(refresh=self.source.refresh)
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        self.source.check()  # what Process does at the start of every call
+        return self.space.read(vaddr, size)
+
+
+def test_a_source_closed_under_the_thread_ends_the_watch_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    proc = SpaceProcess(tmp_path / "ram")
     stopped = threading.Event()
     w = Watcher(proc, ADDR, 8, every=0.02)
     w.on_stop(lambda _w: stopped.set())
     w.start()
     time.sleep(0.1)
-    proc.closed.set()
+    proc.source.close()
     assert stopped.wait(5)
-    assert not w.running and "mmap closed" in (w.stopped_because or "")
+    assert not w.running
+    assert (w.stopped_because or "").startswith("SessionClosed: live RAM file")
+    assert "is closed" in (w.error or "")
+
+
+def test_a_foreground_watch_of_a_closed_source_raises_the_one_line_error(
+    tmp_path: Path,
+) -> None:
+    proc = SpaceProcess(tmp_path / "ram")
+    proc.source.close()
+    w = Watcher(proc, ADDR, 8, every=0.01, count=3)
+    with pytest.raises(SessionClosed):
+        w.run()
+    assert w.samples == 0 and "SessionClosed" in (w.stopped_because or "")
 
 
 def test_bad_arguments_are_vmishell_errors() -> None:
@@ -125,6 +158,7 @@ def fake_session(name: str) -> SimpleNamespace:
         closed=False,
     )
     s.close = lambda: setattr(s, "closed", True)
+    s.poll = lambda: "closed" if s.closed else "running"
     return s
 
 
@@ -145,6 +179,7 @@ def test_targets_attach_switch_and_detach() -> None:
         t.attach("lab:one")
     frame = t.frame()
     assert list(frame["current"]) == ["*", ""] and list(frame["name"]) == ["one", "two.elf"]
+    assert list(frame["state"]) == ["running", "running"]
     t.detach()
     assert a.session.closed and not a.attached and t.current is b
     assert "detached one" in repr(a)
@@ -161,7 +196,6 @@ def test_detaching_stops_the_targets_watches_before_closing_it() -> None:
 
     def close() -> None:
         closed_while_running.append(w.running)
-        proc.closed.set()
         original_close()
 
     target.session.close = close

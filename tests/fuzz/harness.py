@@ -91,6 +91,9 @@ class FuzzSource(BufferSource):
         """Declare the memory changed: every translator drops its caches."""
         self._generation += 1
 
+    def close(self) -> None:
+        """Kept open: every case shares this map (a case's failed attach closes its source)."""
+
     @contextlib.contextmanager
     def patched(self, patches: Sequence[tuple[int, bytes]]) -> Iterator[None]:
         """Apply (physical address, bytes) patches for the duration of the block."""
@@ -116,6 +119,9 @@ class CopyingSource(PhysicalSource):
         super().__init__()
         self.base = base
         self.description = f"{base.description} (copying reads)"
+
+    def close(self) -> None:
+        """Kept open, like the FuzzSource it reads through."""
 
     @property
     def generation(self) -> int:

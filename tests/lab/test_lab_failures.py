@@ -19,7 +19,7 @@ from vmishell.errors import LabError, MissingToolError
 from vmishell.lab import initramfs, instances, runner
 from vmishell.lab.build import build_guest
 from vmishell.lab.guests import GUESTS
-from vmishell.lab.paths import ram_path, run_root
+from vmishell.lab.paths import ram_path
 
 pytestmark = pytest.mark.lab
 
@@ -30,10 +30,14 @@ def _unique(tag: str) -> str:
     return f"t-{os.getpid()}-{tag}"
 
 
-def _qemu_pids() -> set[int]:
-    """Pids of QEMU processes whose command line names a lab run directory."""
+def _qemu_pids(name: str) -> set[int]:
+    """Pids of QEMU processes whose command line names the run directory of instance `name`.
+
+    Only that instance's: other test sessions, helpers and users may start and
+    stop lab guests meanwhile, which must not decide this test.
+    """
     out = set()
-    marker = str(run_root()).encode()
+    marker = str(instances.files_for(name).run_dir).encode() + b"/"
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -76,11 +80,12 @@ def test_missing_apt_names_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_name_in_use(x86_64_guest) -> None:
-    before = _qemu_pids()
+    before = _qemu_pids(x86_64_guest.name)
+    assert before == {x86_64_guest.pid}
     with pytest.raises(LabError, match="in use by a running QEMU"):
         runner.up("x86_64", x86_64_guest.name)
     assert x86_64_guest.alive()
-    assert _qemu_pids() == before
+    assert _qemu_pids(x86_64_guest.name) == before
 
 
 def test_stale_instance_is_cleaned_up_and_boot_succeeds(x86_64_guest) -> None:
@@ -113,23 +118,21 @@ def test_guest_without_init_fails_with_console_tail(x86_64_guest, tmp_path: Path
     broken.write_bytes(initramfs.compress(bytes(cpio)))
     image = dataclasses.replace(built, initramfs=broken)
     name = _unique("noinit")
-    before = _qemu_pids()
     with pytest.raises(LabError) as info:
         runner.up("x86_64", name, built=image, timeout=120)
     message = str(info.value)
     assert "failed to boot" in message and "serial console" in message
     assert "Kernel panic" in message or "VFS" in message or "init" in message
-    assert _qemu_pids() == before, "a QEMU was left running"
+    assert not _qemu_pids(name), "a QEMU was left running"
     _assert_gone(name)
 
 
 def test_kernel_panic_from_cmdline_fails_cleanly(x86_64_guest) -> None:
     name = _unique("panic")
-    before = _qemu_pids()
     with pytest.raises(LabError, match="failed to boot") as info:
         runner.up("x86_64", name, extra_kernel_args=("rdinit=/does-not-exist",), timeout=120)
     assert "the kernel panicked" in str(info.value) or "QEMU exited" in str(info.value)
-    assert _qemu_pids() == before
+    assert not _qemu_pids(name), "a QEMU was left running"
     _assert_gone(name)
 
 

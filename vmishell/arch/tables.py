@@ -43,13 +43,27 @@ class TableReader:
         #: The source's zero-copy RAM segments (empty when it has none) and their starts.
         self.segments: Sequence[Segment] = ()
         self.starts: list[int] = []
+        self._seen_segments: object = None
         self.reload()
 
     def reload(self) -> None:
-        """Forget cached tables and look at the source's segments again."""
+        """Forget cached tables and look at the source's segments again.
+
+        Cheap when nothing but the guest's contents changed (the common case on
+        a live guest, once per top-level call): the segment list is rebuilt
+        only when the source hands out a different one (after close, say).
+        A closed or ended source raises its error here.
+        """
         self._cache.clear()
-        self.segments = tuple(self.source.segments() or ())
-        self.starts = [s.start for s in self.segments]
+        source = self.source
+        if source.closed or source.ended:
+            self.segments, self.starts, self._seen_segments = (), [], None
+            source.check()
+        segments = source.segments()
+        if segments is not self._seen_segments or segments is None:
+            self._seen_segments = segments
+            self.segments = tuple(segments or ())
+            self.starts = [s.start for s in self.segments]
 
     @property
     def single_segment(self) -> Segment | None:

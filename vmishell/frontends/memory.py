@@ -13,7 +13,7 @@ import html
 from collections.abc import Collection
 from typing import Any, Protocol
 
-from vmishell.errors import VmiError
+from vmishell.errors import StaleObjectError, TargetGone, VmiError
 from vmishell.frontends.text import hexdump
 
 PAGE = 0x1000
@@ -24,6 +24,10 @@ MAX_SHOWN = 64 * 1024
 
 class Reader(Protocol):
     def read(self, vaddr: int, size: int) -> bytes: ...
+
+
+#: Errors after which nothing of the target can be read: never folded into "unreadable".
+LIFECYCLE_ERRORS = (TargetGone, StaleObjectError)
 
 
 def read_window(reader: Reader, address: int, length: int) -> tuple[bytes, bytes]:
@@ -40,6 +44,8 @@ def read_window(reader: Reader, address: int, length: int) -> tuple[bytes, bytes
         chunk = min(length - pos, PAGE - ((address + pos) & (PAGE - 1)))
         try:
             got = reader.read(address + pos, chunk)
+        except LIFECYCLE_ERRORS:
+            raise  # the target ended or rebooted: no byte of it is readable any more
         except VmiError as exc:
             first_error = first_error or exc
         else:

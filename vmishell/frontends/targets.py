@@ -47,10 +47,10 @@ class Target:
         return bool(getattr(self.session.source, "writable", False))
 
     def describe(self) -> str:
-        """'dev: lab:dev, live, read-only; linux-6.1…, x86_64 LEVEL4'."""
+        """'dev: lab:dev, live (running), read-only; linux-6.1…, x86_64 LEVEL4'."""
         s = self.session
         loc = s.guest.location
-        live = "live" if self.live else "image (not live)"
+        live = f"live ({s.poll()})" if self.live else "image (not live)"
         rw = "writable" if self.writable else "read-only"
         return f"{self.name}: {s.name}, {live}, {rw}; {s.profile.name}, {loc.arch} {loc.mode.name}"
 
@@ -183,6 +183,7 @@ class Targets:
                     "*" if t.name == self._current else "",
                     t.name,
                     t.session.name,
+                    t.session.poll() if t.attached else "detached",
                     t.live,
                     t.writable,
                     t.session.profile.name,
@@ -190,7 +191,10 @@ class Targets:
                     sum(1 for w in t.watchers if w.running),
                 )
             )
-        cols = ["current", "name", "target", "live", "writable", "profile", "paging", "watches"]
+        cols = [
+            "current", "name", "target", "state", "live", "writable", "profile", "paging",
+            "watches",
+        ]  # fmt: skip
         return guest_frame(pd.DataFrame(rows, columns=cols))
 
 

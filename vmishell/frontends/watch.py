@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmishell.errors import VmiError
 from vmishell.frontends.frames import GuestFrame, guest_frame
-from vmishell.frontends.memory import Memory, read_window
+from vmishell.frontends.memory import LIFECYCLE_ERRORS, Memory, read_window
 
 if TYPE_CHECKING:
     from vmishell.session import Process
@@ -196,6 +196,8 @@ class Watcher:
         try:
             self._refresh()
             data, readable = read_window(self.process, self.address, self.length)
+        except LIFECYCLE_ERRORS:
+            raise  # the watch ends: see run() and the polling thread
         except VmiError as exc:
             error = str(exc)
             data, readable = bytes(self.length), bytes(self.length)
@@ -238,6 +240,9 @@ class Watcher:
         except KeyboardInterrupt:
             self.stopped_because = "interrupted"
             raise
+        except LIFECYCLE_ERRORS as exc:
+            self._ended_by(exc)
+            raise
         finally:
             self._stop.set()
             if self.stopped_because is None and self._count_reached():
@@ -251,7 +256,9 @@ class Watcher:
                 self.poll()
                 if self._done() or self._stop.wait(self.every):
                     break
-        except Exception as exc:  # the source went away under us (detach, closed file)
+        except LIFECYCLE_ERRORS as exc:
+            self._ended_by(exc)
+        except Exception as exc:  # a bug below us: stop, and say so, rather than die silently
             self.stopped_because = f"failed: {exc}"
             log.warning("watch of %#x stopped: %s", self.address, exc)
         finally:
@@ -259,6 +266,13 @@ class Watcher:
                 self.stopped_because = "count reached"
             self._stop.set()
             self._notify_stop()
+
+    def _ended_by(self, exc: BaseException) -> None:
+        """The target ended, rebooted or was closed: the watch stops and says why."""
+        with self._lock:
+            self.error = str(exc)
+        self.stopped_because = f"{type(exc).__name__}: {exc}"
+        log.warning("watch of %#x stopped: %s", self.address, exc)
 
     def start(self) -> Watcher:
         """Poll in a daemon thread; returns at once."""

@@ -7,7 +7,9 @@ Choices that matter for introspection:
 * guest RAM is a shared file in /dev/shm (`memory-backend-file,share=on`), so
   the host reads guest-physical memory live, file offset = physical address
   (minus `phys_offset` on machines whose RAM does not start at 0);
-* QMP on a unix socket, for registers, pause/resume and ELF dumps;
+* QMP on a unix socket, for registers, pause/resume and ELF dumps, and a
+  second QMP socket on which vmishell only listens for events (a guest reset,
+  a shutdown), so a session knows at once that the kernel it found is gone;
 * the serial console goes to a socket chardev with a logfile: the log is the
   ground truth channel, and nobody needs to be connected for it to be written;
 * `-device vmcoreinfo` lets dumps carry the kernel's VMCOREINFO note;
@@ -22,8 +24,9 @@ from pathlib import Path
 from vmishell.lab.guests import GuestSpec
 
 #: Kernel options every lab guest gets: a console we log, no reboot loop on
-#: panic (QEMU runs with -no-reboot, so a panic ends QEMU), our /init, and a
-#: quiet kernel so that printk does not interleave with the truth lines.
+#: panic (QEMU runs with -no-reboot unless asked to reboot, so a panic ends
+#: QEMU), our /init, and a quiet kernel so that printk does not interleave
+#: with the truth lines.
 BASE_KERNEL_ARGS = ("panic=-1", "rdinit=/init", "quiet", "loglevel=1")
 
 
@@ -37,6 +40,11 @@ class LaunchFiles:
     @property
     def qmp(self) -> Path:
         return self.run_dir / "qmp.sock"
+
+    @property
+    def events(self) -> Path:
+        """A QMP monitor only listened to (events), so the tools' own monitor stays free."""
+        return self.run_dir / "events.sock"
 
     @property
     def serial_sock(self) -> Path:
@@ -81,8 +89,13 @@ def qemu_command(
     accel: str = "tcg",
     name: str = "",
     extra_kernel_args: tuple[str, ...] = (),
+    reboot: bool = False,
 ) -> list[str]:
-    """argv for a daemonized QEMU running `spec` with the given files."""
+    """argv for a daemonized QEMU running `spec` with the given files.
+
+    With `reboot`, a guest reset (or reboot, or panic) boots the guest again in
+    the same QEMU, as a real machine would; otherwise it ends QEMU.
+    """
     machine = f"{spec.machine},memory-backend=mem"
     cmd = [
         qemu,
@@ -95,13 +108,14 @@ def qemu_command(
     ]  # fmt: skip
     if spec.cpu:
         cmd += ["-cpu", spec.cpu]
+    cmd += ["-display", "none", "-nodefaults"]
+    if not reboot:
+        cmd.append("-no-reboot")
     cmd += [
-        "-display", "none",
-        "-nodefaults",
-        "-no-reboot",
         "-daemonize",
         "-pidfile", str(files.pidfile),
         "-qmp", f"unix:{_opt(files.qmp)},server=on,wait=off",
+        "-qmp", f"unix:{_opt(files.events)},server=on,wait=off",
         "-chardev",
         f"socket,id=ser0,path={_opt(files.serial_sock)},server=on,wait=off,"
         f"logfile={_opt(files.serial_log)}",

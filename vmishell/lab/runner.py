@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmishell.errors import LabError, MissingToolError, QmpError
+from vmishell.errors import LabError, MissingToolError, NoSuchInstance, QmpError
 from vmishell.lab import instances
 from vmishell.lab.build import BuiltGuest, build_guest
 from vmishell.lab.guests import DEFAULT_MEMORY_MB, GuestSpec, check_accel, get_guest
@@ -57,6 +57,10 @@ class RunningGuest:
     qmp_path: Path
     serial_log: Path
     pid: int
+    #: A QMP socket reserved for listening to events (None for instances of older records).
+    events_path: Path | None = None
+    #: Whether a guest reset boots it again (False: a reset or panic ends QEMU).
+    reboot: bool = False
     accel: str = "tcg"
     started_at: float = 0.0
     boot_seconds: float | None = None
@@ -183,6 +187,8 @@ def _guest_from_record(record: dict[str, Any], files: LaunchFiles) -> RunningGue
         qmp_path=Path(record["qmp_path"]),
         serial_log=Path(record["serial_log"]),
         pid=int(record["pid"]),
+        events_path=Path(record["events_path"]) if record.get("events_path") else None,
+        reboot=bool(record.get("reboot", False)),
         accel=record.get("accel", "tcg"),
         started_at=float(record.get("started_at", 0.0)),
         boot_seconds=record.get("boot_seconds"),
@@ -206,12 +212,15 @@ def up(
     cache_dir: Path | None = None,
     extra_kernel_args: tuple[str, ...] = (),
     built: BuiltGuest | None = None,
+    reboot: bool = False,
 ) -> RunningGuest:
     """Boot `guest` as instance `name` (default: the guest's name) and wait until ready.
 
     `init_script` is a shell script copied into the guest as /vmi/scenario and
     started in the background by /init before the ground truth is printed.
     `built` overrides the image (tests use it to boot deliberately broken ones).
+    With `reboot`, a reset or reboot of the guest boots it again in the same
+    QEMU (the serial log then holds one ground truth per boot).
     """
     spec = get_guest(guest)
     check_accel(accel)
@@ -248,6 +257,7 @@ def up(
             accel=accel,
             name=name,
             extra_kernel_args=extra_kernel_args,
+            reboot=reboot,
         )
         record: dict[str, Any] = {
             "name": name,
@@ -259,6 +269,8 @@ def up(
             "memory_mb": memory_mb,
             "phys_offset": spec.phys_offset,
             "qmp_path": str(files.qmp),
+            "events_path": str(files.events),
+            "reboot": reboot,
             "serial_log": str(files.serial_log),
             "accel": accel,
             "command": cmd,
@@ -358,7 +370,7 @@ def attach(name: str) -> RunningGuest:
     files = instances.files_for(name)
     record = instances.read_record(files)
     if record is None or record.get("pid") is None:
-        raise LabError(f"no lab instance named {name!r}{_running_hint()}")
+        raise NoSuchInstance(f"no lab instance named {name!r}{_running_hint()}")
     guest = _guest_from_record(record, files)
     if not guest.alive():
         raise LabError(

@@ -4,6 +4,12 @@ A source knows the guest's RAM ranges and reads physical bytes with no seek
 state. Live sources bump `generation` on `refresh()` so that caches keyed on
 (physical address, generation) never serve data from before the caller asked
 for a fresh view.
+
+A live source also has a lifecycle. `check()` is called at the start of every
+top-level call (by the session) and must be cheap: it raises TargetEnded once
+the VM is gone and SessionClosed after `close()`. `resets` counts guest
+resets the source has seen (None when it cannot tell, as for a RAM file
+without an event channel: the OS layer then watches the kernel itself).
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from vmishell.errors import PhysicalReadError, RegistersUnavailable
+from vmishell.errors import (
+    PhysicalReadError,
+    RegistersUnavailable,
+    SessionClosed,
+    TargetEnded,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,8 @@ class PhysicalSource(ABC):
     def __init__(self) -> None:
         self._generation = 0
         self._starts: list[int] | None = None
+        self._closed = False
+        self._ended: TargetEnded | None = None
 
     # -- what subclasses provide ------------------------------------------------
     @abstractmethod
@@ -90,6 +103,55 @@ class PhysicalSource(ABC):
     def registers(self) -> Registers:
         """The guest's control registers; raises RegistersUnavailable if unknown."""
         raise RegistersUnavailable(f"{self.description} carries no CPU registers")
+
+    # -- lifecycle --------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def ended(self) -> bool:
+        return self._ended is not None
+
+    @property
+    def resets(self) -> int | None:
+        """Guest resets seen since the source was opened; None when the source cannot tell."""
+        return None
+
+    def check(self) -> None:
+        """Raise SessionClosed or TargetEnded if the target can no longer be read.
+
+        Called at the start of every top-level call, so it must stay cheap;
+        sources with a lifecycle extend `_check_alive`.
+        """
+        if self._closed:
+            raise SessionClosed(f"{self.description} is closed")
+        if self._ended is not None:
+            raise self._ended
+        self._check_alive()
+
+    def _check_alive(self) -> None:  # noqa: B027 - images have no lifecycle to check
+        """Subclass hook: notice that the target ended and call `_end(why)`."""
+
+    def _end(self, why: str) -> None:
+        """Record that the target ended (once) and raise the error every later call gets."""
+        if self._ended is None:
+            import time
+
+            when = time.time()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+            self._ended = TargetEnded(f"{self.description} ended at {stamp}: {why}", when)
+            self._generation += 1
+        raise self._ended
+
+    @property
+    def state(self) -> str:
+        """ "closed", "ended", "running" for a live guest, or "image"."""
+        if self._closed:
+            return "closed"
+        if self._ended is not None:
+            return "ended"
+        return "running" if self.live else "image"
 
     # -- common behaviour ------------------------------------------------------------
     @property
@@ -127,6 +189,8 @@ class PhysicalSource(ABC):
         """Read `size` bytes at `paddr`; raises PhysicalReadError outside RAM."""
         if size < 0 or paddr < 0:
             raise PhysicalReadError(paddr, size, "negative address or size")
+        if self._closed or self._ended is not None:
+            self.check()
         if size == 0:
             return b""
         r = self.range_of(paddr)
@@ -148,6 +212,8 @@ class PhysicalSource(ABC):
 
     def read_padded(self, paddr: int, size: int) -> bytes:
         """Read like `read`, but bytes outside RAM read as zeros."""
+        if self._closed or self._ended is not None:
+            self.check()
         out = bytearray(size)
         pos, end = paddr, paddr + size
         for r in self.ranges():
@@ -179,8 +245,10 @@ class PhysicalSource(ABC):
                     i = data.find(needle, i + 1)
                 pos += chunk
 
-    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
-        """Release files and sockets."""
+    def close(self) -> None:
+        """Release files and sockets; every later read raises SessionClosed."""
+        self._closed = True
+        self._generation += 1
 
     def __enter__(self) -> PhysicalSource:
         return self

@@ -1,4 +1,12 @@
-"""Memory-mapped files of guest RAM: a running QEMU guest's shared RAM file and raw images."""
+"""Memory-mapped files of guest RAM: a running QEMU guest's shared RAM file and raw images.
+
+A mapped file that shrinks under its map would kill the process with SIGBUS
+on the next access to a page past its new end. So every top-level call
+first checks the file's size (`check()`, one lseek on a descriptor kept
+open for this) and refuses to touch the map once it shrank. `close()`
+releases every view of the map and unmaps it: nothing of the file stays in
+the process's address space.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +17,36 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmishell.errors import SourceError
+from vmishell.errors import QmpError, SourceError
 from vmishell.sources.base import Registers
 from vmishell.sources.layout import flat_layout, qemu_x86_ram_layout
 from vmishell.sources.memory import BufferSource
+from vmishell.sources.vmwatch import ProcessWatch, QmpEvents, Throttle, peer_pid
 
 if TYPE_CHECKING:
     from vmishell.sources.qmp import QmpClient
 
 
 def _map_file(path: Path, writable: bool) -> tuple[mmap.mmap, int]:
+    fd = _open_file(path, writable)
     try:
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        return _map_fd(path, fd, writable)
+    finally:
+        os.close(fd)
+
+
+def _open_file(path: Path, writable: bool) -> int:
+    try:
+        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except FileNotFoundError:
         raise SourceError(f"no such memory file: {path}") from None
     except PermissionError:
         raise SourceError(f"no permission to open {path} (try as root)") from None
     except OSError as exc:
         raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def _map_fd(path: Path, fd: int, writable: bool) -> tuple[mmap.mmap, int]:
     try:
         size = os.fstat(fd).st_size
         if size == 0:
@@ -35,8 +55,21 @@ def _map_file(path: Path, writable: bool) -> tuple[mmap.mmap, int]:
         return mmap.mmap(fd, size, access=access), size
     except OSError as exc:
         raise SourceError(f"cannot map {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+
+
+def release_map(views: list[memoryview], mapping: mmap.mmap) -> None:
+    """Release every view of a map, then unmap it.
+
+    vmishell never hands out views of a map (reads return bytes), so once
+    its own views are released nothing can keep the file mapped; if a
+    BufferError says otherwise, that is a bug worth hearing about.
+    """
+    for view in views:
+        view.release()
+    try:
+        mapping.close()
+    except BufferError as exc:
+        raise SourceError(f"cannot unmap: a view of the map is still held ({exc})") from exc
 
 
 class MappedFileSource(BufferSource):
@@ -53,35 +86,74 @@ class MappedFileSource(BufferSource):
         kind: str = "raw image",
     ) -> None:
         self.path = Path(path)
-        self._mmap, file_size = _map_file(self.path, writable)
+        self._fd = _open_file(self.path, writable)
+        try:
+            self._mmap, file_size = _map_fd(self.path, self._fd, writable)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._mapped_size = file_size
         layout = layout or flat_layout(file_size)
         view = memoryview(self._mmap)
-        segments = []
-        for phys, offset, size in layout:
-            if offset + size > file_size:
-                raise SourceError(
-                    f"{self.path} is {file_size:#x} bytes, too small for RAM at "
-                    f"{phys:#x}+{size:#x} (file offset {offset:#x})"
-                )
-            segments.append((phys, view[offset : offset + size]))
-        super().__init__(
-            segments,
-            registers=registers,
-            description=f"{kind} {self.path}",
-            live=live,
-            writable=writable,
-        )
+        slices: list[memoryview] = []
+        try:
+            for phys, offset, size in layout:
+                if offset + size > file_size:
+                    raise SourceError(
+                        f"{self.path} is {file_size:#x} bytes, too small for RAM at "
+                        f"{phys:#x}+{size:#x} (file offset {offset:#x})"
+                    )
+                slices.append(view[offset : offset + size])
+            super().__init__(
+                [(phys, piece) for (phys, _, _), piece in zip(layout, slices, strict=True)],
+                registers=registers,
+                description=f"{kind} {self.path}",
+                live=live,
+                writable=writable,
+            )
+        except BaseException:
+            release_map([*slices, view], self._mmap)
+            os.close(self._fd)
+            raise
+        finally:
+            for piece in slices:  # the segments hold their own views of these
+                piece.release()
         self._view = view
 
-    def close(self) -> None:
+    def _check_alive(self) -> None:
+        try:
+            # lseek to the end tells the size, at a fraction of fstat's cost (no stat
+            # record); the descriptor is kept for this alone, so its offset is free.
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as exc:
+            self._end(f"cannot look at the memory file any more ({exc.strerror})")
+        if size < self._mapped_size:
+            self._unmap()
+            self._end(
+                f"the memory file shrank from {self._mapped_size:#x} to {size:#x} bytes "
+                "(truncated under the session); it is no longer read"
+            )
+
+    def _unmap(self) -> None:
+        """Drop every view and the map itself (idempotent)."""
+        views = [s.view for s in self._segments]
         self._segments = []
         self._ranges = []
+        self._starts = None
+        if self._mmap.closed:
+            return
+        release_map([*views, self._view], self._mmap)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
         try:
-            self._view.release()
-            self._mmap.close()
-        except BufferError:
-            # A caller still holds a view into the map; it closes when they drop it.
-            pass
+            self._unmap()
+        finally:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
 
 
 class RawImageSource(MappedFileSource):
@@ -100,6 +172,11 @@ class QemuRamSource(MappedFileSource):
     guest's memory as it is now; `refresh()` tells caches that it moved on.
     Registers come from QMP when a socket is given. Nothing pauses the guest
     unless the caller asks (`paused()`).
+
+    Lifecycle: the QEMU process is watched (its `pid`, given or learnt from
+    the QMP socket's peer), so the source knows when the VM ended; with an
+    `events_path` (a second QMP monitor reserved for events) it also counts
+    guest resets, which the OS layer uses to find the new kernel.
     """
 
     def __init__(
@@ -109,6 +186,8 @@ class QemuRamSource(MappedFileSource):
         *,
         machine: str = "q35",
         writable: bool = False,
+        pid: int | None = None,
+        events_path: str | os.PathLike[str] | None = None,
     ) -> None:
         size = _file_size(ram_path)
         super().__init__(
@@ -119,7 +198,52 @@ class QemuRamSource(MappedFileSource):
             kind="live RAM file",
         )
         self.qmp_path = Path(qmp_path) if qmp_path else None
+        self._throttle = Throttle()
+        self._events: QmpEvents | None = None
+        self._process: ProcessWatch | None = None
+        try:
+            if pid is None and self.qmp_path is not None:
+                pid = peer_pid(self.qmp_path)
+            if pid is not None:
+                self._process = ProcessWatch(pid)
+            if events_path is not None:
+                self._events = _listen(events_path)
+        except BaseException:
+            self.close()
+            raise
+        self.pid = pid
 
+    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def resets(self) -> int | None:
+        return None if self._events is None else self._events.resets
+
+    @property
+    def state(self) -> str:
+        state = super().state
+        if state == "running" and self._events is not None and self._events.running is False:
+            return "paused"
+        return state
+
+    def _check_alive(self) -> None:
+        super()._check_alive()
+        if not self._throttle():
+            return
+        if self._events is not None:
+            self._events.poll()
+            if self._events.closed_by_peer:
+                self._end("QEMU closed its monitor (the VM process exited)")
+        if self._process is not None and not self._process.alive():
+            self._end(f"the QEMU process (pid {self._process.pid}) has exited")
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        if self._process is not None:
+            self._process.close()
+        super().close()
+
+    # -- QMP ------------------------------------------------------------------------
     def _qmp(self) -> QmpClient:
         """A short-lived QMP connection: QEMU serves one client at a time, so
         vmishell never keeps the socket from other tools between calls."""
@@ -134,12 +258,14 @@ class QemuRamSource(MappedFileSource):
     def registers(self) -> Registers:
         if self.qmp_path is None:
             return super().registers()
+        self.check()
         with self._qmp() as qmp:
             return qmp.registers()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Stop the guest for a consistent view; resume it only if it was running."""
+        self.check()
         with self._qmp() as qmp:
             was_running = qmp.running()
             if was_running:
@@ -148,10 +274,26 @@ class QemuRamSource(MappedFileSource):
         try:
             yield
         finally:
-            if was_running:
+            if was_running and self._ended is None and not self._closed:
                 with self._qmp() as qmp:
                     qmp.cont()
             self.refresh()
+
+
+#: Seconds to wait for an event socket's greeting: QEMU serves one client per
+#: monitor, so a socket another session listens on never greets.
+EVENTS_GREETING_TIMEOUT = 1.0
+
+
+def _listen(events_path: str | os.PathLike[str]) -> QmpEvents | None:
+    """Listen for a guest's QMP events, or None when the socket is taken or gone.
+
+    Without events the session still notices resets, through the kernel's ticks.
+    """
+    try:
+        return QmpEvents(events_path, timeout=EVENTS_GREETING_TIMEOUT)
+    except QmpError:
+        return None
 
 
 def _file_size(path: str | os.PathLike[str]) -> int:

@@ -11,6 +11,7 @@ source has them, only decide the paging mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmishell.arch import AddressSpace, PagingMode, Translator, mode_from_registers
@@ -197,16 +198,27 @@ def _virtual_shift(translator: Translator, banner_link: int, banner_paddr: int) 
 
 
 def locate_kernel(
-    source: PhysicalSource, profile: Profile, limits: Limits | None = None
+    source: PhysicalSource,
+    profile: Profile,
+    limits: Limits | None = None,
+    *,
+    accept: Callable[[KernelLocation], bool] | None = None,
+    regs: Registers | None = None,
 ) -> KernelLocation:
-    """Find the kernel that `profile` describes in `source`, or say why not."""
+    """Find the kernel that `profile` describes in `source`, or say why not.
+
+    `accept` chooses among placements that check out: after a reboot the old
+    kernel's bytes still lie in RAM, and only a sign of life (see `liveness`)
+    tells the running kernel from its remains. `regs` saves asking the source again.
+    """
     limits = limits or Limits()
     hints = KernelHints.from_profile(profile)
     arch = hints.arch
-    try:
-        regs: Registers | None = source.registers()
-    except VmiError:
-        regs = None  # no CPU state (an image) or none reachable (QMP busy): not needed
+    if regs is None:
+        try:
+            regs = source.registers()
+        except VmiError:
+            regs = None  # no CPU state (an image) or none reachable (QMP busy): not needed
     shifts = banner_candidates(source, hints, limits)
     if not shifts:
         raise GuestDataError(
@@ -232,7 +244,11 @@ def locate_kernel(
         if vshift is None:
             problems.append(f"physical shift {shift:#x}: page table at {dtb:#x} does not map it")
             continue
-        return KernelLocation(arch, mode, dtb, shift, vshift, banner_paddr, regs)
+        location = KernelLocation(arch, mode, dtb, shift, vshift, banner_paddr, regs)
+        if accept is not None and not accept(location):
+            problems.append(f"physical shift {shift:#x}: not the running kernel (old remains?)")
+            continue
+        return location
     raise GuestDataError(
         f"kernel banner found in {source.description} but its page tables did not check out: "
         + "; ".join(problems)
