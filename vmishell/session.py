@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -505,7 +505,11 @@ class Session:
         import pandas as pd
 
         rows = self.process_rows(threads=threads, cmdline=cmdline)
-        return pd.DataFrame([astuple(r) for r in rows], columns=PROCESS_COLUMNS)
+        # Column lists, not a tuple per row: the frame is built column-wise anyway.
+        return pd.DataFrame(
+            {name: [getattr(r, name) for r in rows] for name in PROCESS_COLUMNS},
+            columns=PROCESS_COLUMNS,
+        )
 
     def _space(self, dtb: int) -> AddressSpace:
         return self.guest.address_space(dtb)

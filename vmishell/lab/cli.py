@@ -44,6 +44,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         accel=args.accel,
         timeout=args.timeout,
         progress=_progress,
+        reboot=args.reboot,
     )
     for note in guest.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -138,6 +139,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tcg (default); kvm only on a host with real KVM (nested /dev/kvm is unusably slow)",
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for boot")
+    p.add_argument(
+        "--reboot",
+        action="store_true",
+        help="a reset or reboot of the guest boots it again (default: it ends QEMU)",
+    )
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("down", help="stop an instance and remove its files")
