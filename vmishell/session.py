@@ -45,12 +45,12 @@ from vmishell.errors import (
 )
 from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.guest import LinuxGuest
-from vmishell.os.linux.kernel import locate_kernel
+from vmishell.os.linux.kernel import KernelLocation, locate_kernel
 from vmishell.os.linux.liveness import KernelPulse, runs_on_cpu, ticks
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
 from vmishell.sources import open_image
-from vmishell.sources.base import PhysicalSource
+from vmishell.sources.base import PhysicalSource, Registers
 from vmishell.symbols.finder import find_profile
 from vmishell.symbols.profile import Profile, load_profile
 
@@ -321,23 +321,30 @@ class Session:
         raise SourceError(f"{text!r} is not a file, nor a target vmishell knows ({_TARGET_KINDS})")
 
     # -- live truth and lifecycle -------------------------------------------------------
-    def _locate(self, *, after_reset: bool = False):  # -> KernelLocation
+    def _locate(self, *, after_reset: bool = False) -> KernelLocation:
         """Find the running kernel: the one the vCPU's page tables map, when registers tell.
 
-        After a reset the old kernel's bytes still check out in RAM, so a
-        candidate must then also show a sign of life (its CR3, or its ticks).
+        RAM can hold the remains of an earlier boot's kernel next to the
+        running one, both checking out. With registers (QMP, an ELF core's
+        notes) the kernel that CR3 maps wins; after a reset a candidate must
+        show a sign of life (CR3, or its ticks). Otherwise, as before any
+        reboot, the first placement that checks out is taken.
         """
         source = self.source
-        regs = None
-        if source.live:
-            try:
-                regs = source.registers()
-            except VmiError:
-                regs = None
+        try:
+            regs: Registers | None = source.registers()
+        except VmiError:
+            regs = None
         accept = runs_on_cpu(source, self.profile, regs) if regs is not None else None
         if accept is None and after_reset:
             accept = ticks(source, self.profile)
-        return locate_kernel(source, self.profile, self.limits, accept=accept, regs=regs)
+        try:
+            return locate_kernel(source, self.profile, self.limits, accept=accept, regs=regs)
+        except GuestDataError:
+            if after_reset or accept is None:
+                raise
+        # No candidate is mapped by this CR3 (a vCPU caught in firmware, say): take the first.
+        return locate_kernel(source, self.profile, self.limits, regs=regs)
 
     def _new_pulse(self) -> KernelPulse | None:
         """Watch the kernel's ticks when the source cannot report resets itself."""
