@@ -192,3 +192,19 @@ def test_the_pid_behind_a_socket_is_its_servers(tmp_path: Path) -> None:
     assert peer_pid(monitor.path) == os.getpid()
     assert peer_pid(tmp_path / "nothing.sock") is None
     monitor.close()
+
+
+def test_a_dump_that_shrinks_under_libvmi_ends_the_source(tmp_path: Path) -> None:
+    from vmishell.sources.libvmi import LibvmiSource, libvmi_available
+
+    if not libvmi_available():
+        pytest.fail("the libvmi wheel is a development dependency: install '.[dev]'")
+    path, _ = _ram_file(tmp_path)
+    source = LibvmiSource(path, "file")
+    assert source.read(0x800000, 16) == b"MARKER-AT-800000"
+    os.truncate(path, 4 << 20)
+    with pytest.raises(TargetEnded, match="shrank"):
+        source.check()
+    with pytest.raises(TargetEnded):
+        source.read(0x800000, 16)
+    source.close()

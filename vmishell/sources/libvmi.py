@@ -258,6 +258,8 @@ class LibvmiSource(PhysicalSource):
             _check_dump(path)
             self.target: str | int = str(path)
             self.description = f"LibVMI file {path}"
+            # LibVMI maps the dump: watch its size as vmishell's own file sources do.
+            self._dump_size = path.stat().st_size
         else:
             text = os.fspath(target) if not isinstance(target, int) else str(target)
             self.target = int(text) if text.isdigit() else text
@@ -451,7 +453,21 @@ class LibvmiSource(PhysicalSource):
             raise TranslationError(f"LibVMI found no mapping for {vaddr:#x} (table {dtb:#x})")
         return int(paddr[0])
 
+    def _check_alive(self) -> None:
+        if self.mode == "file":
+            try:
+                size = os.stat(self.target).st_size
+            except OSError as exc:
+                self._end(f"the dump is gone ({exc.strerror})")
+            if size < self._dump_size:
+                self._release()  # before LibVMI touches a page past the new end
+                self._end(f"the dump shrank from {self._dump_size:#x} to {size:#x} bytes")
+
     def close(self) -> None:
+        super().close()
+        self._release()
+
+    def _release(self) -> None:
         vmi, self._vmi = getattr(self, "_vmi", None), None
         if vmi is not None:
             with self._lock, _c_output(), contextlib.suppress(Exception):
