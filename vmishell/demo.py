@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("\nno vmi-marker process found", file=sys.stderr)
                 return 1
             pid = int(marker.pid.iloc[0])
-            va = layout(running.guest.arch).marker_va
+            va = layout(running.spec.arch).marker_va
             proc = s.process(pid)
             data = proc.read(va, 48)
             print(f"\nvmi-marker (pid {pid}) at {va:#x}:")

@@ -40,7 +40,7 @@ def read_phys(guest, paddr: int, size: int) -> bytes:
     """Guest-physical bytes straight from the RAM file (unbuffered: the guest is live)."""
     fd = os.open(guest.ram_path, os.O_RDONLY)
     try:
-        return os.pread(fd, size, paddr - guest.guest.phys_offset)
+        return os.pread(fd, size, paddr - guest.spec.phys_offset)
     finally:
         os.close(fd)
 
@@ -48,7 +48,7 @@ def read_phys(guest, paddr: int, size: int) -> bytes:
 def test_truth_parses(guest) -> None:
     truth = guest.truth()
     assert truth.release == guest.manifest["kernel_release"]
-    assert truth.machine in (("x86_64",) if guest.guest.arch == "x86_64" else ("i686", "i586"))
+    assert truth.machine in (("x86_64",) if guest.spec.arch == "x86_64" else ("i686", "i586"))
     assert "rdinit=/init" in truth.cmdline
     assert "nokaslr" not in truth.cmdline
     assert truth.mem_total_kb and 100_000 < truth.mem_total_kb <= 256 * 1024
@@ -68,7 +68,7 @@ def test_truth_parses(guest) -> None:
     assert all(not t.kernel_thread and t.ppid == 1 and t.uid == 0 for t in group)
     assert {"sleep", "cat"} <= {t.comm for t in truth.processes}
 
-    lay = layout(guest.guest.arch)
+    lay = layout(guest.spec.arch)
     assert (truth.marker_va, truth.counter_va) == (lay.marker_va, lay.counter_va)
     paths = {m.path for m in truth.maps}
     assert "/bin/vmi-marker" in paths and "[stack]" in paths
@@ -87,7 +87,7 @@ def test_marker_in_ram_at_pagemap_frame(guest) -> None:
 
 def test_counter_ticks_in_ram(guest) -> None:
     truth = guest.truth()
-    lay = layout(guest.guest.arch)
+    lay = layout(guest.spec.arch)
     fmt = "<Q" if lay.counter_size == 8 else "<I"
     paddr = truth.counter_paddr
     assert paddr is not None
@@ -106,7 +106,7 @@ def test_registers_match_paging_mode(guest) -> None:
     regs = guest.registers()
     assert regs.cr3 is not None and regs.cr0 is not None and regs.cr4 is not None
     assert regs.cr0 & (1 << 31), "paging is off?"
-    name = guest.guest.name
+    name = guest.spec.name
     assert bool(regs.cr4 & CR4_LA57) == (name == "x86_64-la57")
     if name in ("x86_64", "x86_64-la57"):
         assert regs.arch == "x86_64"
@@ -153,7 +153,7 @@ def test_cli_truth_and_status(guest, capsys: pytest.CaptureFixture[str]) -> None
     assert data["marker_paddr"] == guest.truth().marker_paddr
     assert cli_main(["lab", "status", guest.name, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["state"] == "running" and status["ready"] and status["guest"] == guest.guest.name
+    assert status["state"] == "running" and status["ready"] and status["guest"] == guest.spec.name
 
 
 def test_processes_stay_stable(guest) -> None:

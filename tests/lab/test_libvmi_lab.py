@@ -101,7 +101,7 @@ def test_libvmis_page_walk_lands_where_vmishells_does(pair) -> None:
         assert lv.translate(vaddr, kernel.dtb, mode) == kernel.translate(vaddr).paddr, name
     truth = guest.truth()
     marker = ours.process(truth.marker_pid)
-    lay = layout(guest.guest.arch)
+    lay = layout(guest.spec.arch)
     for vaddr in (lay.marker_va, lay.counter_va, *truth.pagemap):
         try:
             expected = marker.translate(vaddr).paddr

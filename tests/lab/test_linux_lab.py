@@ -61,7 +61,7 @@ def _is_kworker(comm: str) -> bool:
 
 def test_the_paging_mode_is_the_guests(session) -> None:
     s, _, guest = session
-    assert s.guest.location.mode.name == EXPECTED_MODE[guest.guest.name]
+    assert s.guest.location.mode.name == EXPECTED_MODE[guest.spec.name]
 
 
 def test_processes_equal_the_guests_own_list(session) -> None:
@@ -113,7 +113,7 @@ def test_maps_equal_the_guests_proc_maps(session) -> None:
 def test_the_marker_translates_to_the_frame_pagemap_reported_and_reads_back(session) -> None:
     s, truth, guest = session
     proc = s.process(truth.marker_pid)
-    lay = layout(guest.guest.arch)
+    lay = layout(guest.spec.arch)
     assert proc.translate(lay.marker_va).paddr == truth.marker_paddr
     assert proc.read(lay.marker_va, len(MARKER)) == MARKER
     for vaddr, entry in truth.pagemap.items():
@@ -132,7 +132,7 @@ def test_the_counter_moves_on_a_live_guest(lab_guest, guest_name) -> None:
     import time
 
     guest = lab_guest(guest_name)
-    lay = layout(guest.guest.arch)
+    lay = layout(guest.spec.arch)
     with Session.lab(guest.name) as s:
         proc = s.process(guest.truth().marker_pid)
         first = int.from_bytes(proc.read(lay.counter_va, lay.counter_size), "little")

@@ -24,7 +24,7 @@ def guest(request: pytest.FixtureRequest, lab_guest):
 
 def test_the_live_ram_file_holds_the_marker_at_the_frame_pagemap_reported(guest) -> None:
     truth = guest.truth()
-    with QemuRamSource(guest.ram_path, guest.qmp_path, machine=guest.guest.machine) as src:
+    with QemuRamSource(guest.ram_path, guest.qmp_path, machine=guest.spec.machine) as src:
         assert src.live and not src.writable
         assert src.read(truth.marker_paddr, len(MARKER)) == MARKER
         assert truth.marker_paddr in list(src.find(MARKER))
@@ -33,7 +33,7 @@ def test_the_live_ram_file_holds_the_marker_at_the_frame_pagemap_reported(guest)
 def test_registers_from_qmp_say_which_paging_mode_the_guest_uses(guest) -> None:
     with QemuRamSource(guest.ram_path, guest.qmp_path) as src:
         regs = src.registers()
-    name = guest.guest.name
+    name = guest.spec.name
     assert regs.arch == ("x86_64" if name.startswith("x86_64") else "i386")
     assert bool(regs.cr4 & CR4_LA57) == (name == "x86_64-la57")
     assert bool(regs.cr4 & CR4_PAE) == (name != "i386")
@@ -57,5 +57,5 @@ def test_an_elf_dump_carries_the_same_registers_and_memory(guest, tmp_path: Path
             for r in ram:
                 n = min(r.size, 1 << 20)
                 assert flat.read(r.start, n) == dump.read(r.start, n)
-    lay = layout(guest.guest.arch)
+    lay = layout(guest.spec.arch)
     assert truth.marker_va == lay.marker_va

@@ -49,7 +49,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     for note in guest.notes:
         print(f"note: {note}", file=sys.stderr)
     print(
-        f"{guest.name}: {guest.guest.name} ready in {guest.boot_seconds} s  pid {guest.pid}\n"
+        f"{guest.name}: {guest.spec.name} ready in {guest.boot_seconds} s  pid {guest.pid}\n"
         f"  ram    {guest.ram_path} ({guest.ram_size >> 20} MiB)\n"
         f"  qmp    {guest.qmp_path}\n"
         f"  serial {guest.serial_log}"

@@ -50,7 +50,7 @@ class RunningGuest:
     """A live lab instance and where to reach it."""
 
     name: str
-    guest: GuestSpec
+    spec: GuestSpec
     run_dir: Path
     ram_path: Path
     ram_size: int
@@ -180,7 +180,7 @@ def _qemu_binary(spec: GuestSpec) -> str:
 def _guest_from_record(record: dict[str, Any], files: LaunchFiles) -> RunningGuest:
     return RunningGuest(
         name=record["name"],
-        guest=get_guest(record["guest"]),
+        spec=get_guest(record["guest"]),
         run_dir=files.run_dir,
         ram_path=Path(record["ram_path"]),
         ram_size=int(record["ram_size"]),

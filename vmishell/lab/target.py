@@ -14,7 +14,7 @@ def open_lab(name: str, **options: Any) -> Session:
     return Session.qemu(
         guest.ram_path,
         guest.qmp_path,
-        machine=guest.guest.machine,
+        machine=guest.spec.machine,
         name=f"lab:{name}",
         pid=guest.pid,
         events_path=guest.events_path,
