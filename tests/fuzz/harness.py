@@ -826,7 +826,7 @@ def pipeline(
         if fresh is None:
             return 0
         session = fresh
-    frame = _step(errors, "processes", session.processes)
+    frame = _step(errors, "processes", lambda: session.processes(threads=True))
     rows = list(frame.itertuples()) if frame is not None else []
     rendered: list[str] = []
     for row in rows:

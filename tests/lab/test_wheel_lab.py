@@ -146,8 +146,9 @@ def test_vmishell_ps_from_the_wheel_lists_a_lab_guests_processes(
         (built,) = (p for p in candidate_profiles() if p.name.startswith(f"{needed}.json"))
         extra["VMISHELL_PROFILE_PATH"] = str(built.parent)
     vmishell = installed.venv / "bin" / "vmishell"
-    done = installed.run(vmishell, "ps", target, **extra)
+    done = installed.run(vmishell, "ps", target, "--json", **extra)
     assert done.returncode == 0, done.stderr
-    marker = [line.split() for line in done.stdout.splitlines()]
-    marker = [cells for cells in marker if cells[0] == str(truth.marker_pid)]
-    assert [cells[5:] for cells in marker] == [["vmi-marker", "/bin/vmi-marker"]]
+    marker = [r for r in json.loads(done.stdout) if r["tgid"] == truth.marker_pid]
+    assert [(r["pid"], r["comm"], r["cmdline"]) for r in marker] == [
+        (truth.marker_pid, "vmi-marker", "/bin/vmi-marker")
+    ]
