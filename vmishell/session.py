@@ -504,8 +504,9 @@ class Session:
             )
         return rows
 
-    def processes(self, *, threads: bool = True, cmdline: bool = True) -> pd.DataFrame:
-        """Every task as a DataFrame (one row per thread unless `threads=False`).
+    def processes(self, *, threads: bool = False, cmdline: bool = True) -> pd.DataFrame:
+        """The processes as a DataFrame: one row per process like `ps` (as `%ps` and
+        `vmishell ps`), or one per thread like `ps -eL` with `threads=True`.
 
         On a live guest each call looks at the guest as it is now.
         """

@@ -25,6 +25,7 @@ import mmap
 import os
 import random
 import signal
+import sys
 import time
 import traceback
 import tracemalloc
@@ -45,10 +46,21 @@ from vmishell.sources.base import PhysicalSource, PhysRange
 from vmishell.sources.memory import BufferSource
 from vmishell.symbols.profile import Profile
 
-#: Per-case bounds the fuzz tests assert (the campaign records the real figures):
-#: CPU seconds (see `watchdog`) and bytes of Python heap.
-CASE_SECONDS = 5.0
+#: Per-case bounds the fuzz tests assert (the campaign records the real figures).
+#: Work: function calls, Python and C (see `work_meter`). A count, so machine load
+#: cannot change it: the worst case known, page tables that alias enumerated up to
+#: the default `Limits.max_mapping_work`, makes 6.2 million; a case may hit that cap
+#: in both enumerations of the pipeline (the marker's and the kernel's).
+CASE_CALLS = 20_000_000
+#: Bytes of Python heap at the peak of a case (tracemalloc).
 CASE_PEAK_BYTES = 64 << 20
+#: The watchdog's CPU seconds: a hang detector, not a bound. A correct case needs at
+#: most a few seconds of CPU even under tracemalloc and the work meter; a hang (a loop
+#: in C that makes no call, a wait) is stopped here, and at WALL_FACTOR times this in
+#: wall-clock time if it waits instead of computing.
+HANG_SECONDS = 60.0
+#: A CPU-time bound that test_crafted.py and test_regressions.py still assert.
+CASE_SECONDS = 5.0
 #: The user half of x86_64's 4-level address space, for bounded process enumerations.
 USER_END = 0x0000_8000_0000_0000
 
@@ -591,22 +603,52 @@ def choose_case(targets: Targets, c: Chooser) -> list[Mutation]:
 
 
 class CaseTimeout(BaseException):
-    """A case ran past its time bound (raised by the watchdog's alarm)."""
+    """A case hung: the watchdog's alarm fired."""
 
 
-#: The wall-clock watchdog fires at this multiple of the CPU bound: it catches a case
-#: that waits instead of computing, while the CPU bound stays fair on a busy machine.
+class CaseOverWork(BaseException):
+    """A case made more function calls than its work bound (raised by the work meter)."""
+
+
+#: The wall-clock alarm fires at this multiple of the CPU alarm: it ends a case that
+#: waits instead of computing, and leaves room for a machine shared with other work.
 WALL_FACTOR = 4
+
+
+@contextlib.contextmanager
+def work_meter(budget: int) -> Iterator[list[int]]:
+    """Count the function calls (Python and C) the block makes; CaseOverWork past `budget`.
+
+    The count is the case's work: it depends on the case and the code, not on
+    how busy the machine is, so it bounds a case where CPU time cannot (a fuzz
+    case once failed at 5.05 s of a 5 s CPU bound on a loaded machine). The
+    meter is a profile hook of this thread, which roughly doubles the case's
+    CPU time. Yields a one-element list holding the count so far.
+    """
+    count = [0]
+
+    def meter(frame: object, event: str, arg: object) -> None:
+        if event == "call" or event == "c_call":
+            count[0] += 1
+            if count[0] > budget:
+                sys.setprofile(None)
+                raise CaseOverWork(f"case made more than {budget} function calls")
+
+    previous = sys.getprofile()
+    sys.setprofile(meter)
+    try:
+        yield count
+    finally:
+        sys.setprofile(previous)
 
 
 @contextlib.contextmanager
 def watchdog(seconds: float) -> Iterator[None]:
     """Interrupt the block with CaseTimeout after `seconds` of CPU time (main thread only).
 
-    The bound is on CPU time (ITIMER_PROF), so other work on a shared machine
-    does not turn a fast case into a timeout; a wall-clock alarm at
-    WALL_FACTOR times the bound still ends a case that hangs without
-    computing.
+    A hang detector: the bound on a case is its work (`work_meter`). The CPU
+    alarm (ITIMER_PROF) ends a case that loops without making calls; the
+    wall-clock alarm at WALL_FACTOR times `seconds` ends one that waits.
     """
 
     def cpu(signum: int, frame: object) -> None:
@@ -632,7 +674,8 @@ class Outcome:
     """What one case did: its errors (VmiError text by step), time and peak memory."""
 
     mutations: list[Mutation]
-    seconds: float = 0.0  # CPU time of the case (what the bound applies to)
+    work: int = 0  # function calls the case made (what the bound applies to)
+    seconds: float = 0.0  # CPU time of the case (recorded; only the watchdog acts on it)
     wall: float = 0.0
     peak: int = 0
     vmi_errors: dict[str, str] = field(default_factory=dict)
@@ -655,7 +698,7 @@ class Harness:
         if self.targets.marker_pid < 0:
             raise RuntimeError(f"{dump}: no vmi-marker process (not a lab x86_64 dump?)")
         # One clean run first: imports (pandas) and lazy profile decoding are not a case's cost.
-        clean = self.run([], memory="none", seconds=60)
+        clean = self.run([], memory="none")
         if clean.failure or clean.vmi_errors:
             raise RuntimeError(f"{dump}: the clean dump does not pass: {clean}")
 
@@ -675,7 +718,8 @@ class Harness:
         self,
         mutations: Sequence[Mutation],
         *,
-        seconds: float = CASE_SECONDS,
+        work: int = CASE_CALLS,
+        seconds: float = HANG_SECONDS,
         reattach: bool | None = None,
         copying: bool = False,
         memory: str = "tracemalloc",
@@ -687,6 +731,8 @@ class Harness:
         heap, exact, 5-40x slower), "rss" (growth of the resident set over
         the case, from the kernel's high-water mark; cheap) or "none".
         `kernel_span` narrows the kernel's mapping enumeration (default: all).
+        A case fails when it makes more than `work` function calls, and is
+        stopped as hung after `seconds` of CPU time (see `watchdog`).
         """
         outcome = Outcome(list(mutations))
         patches = self.patches(mutations)
@@ -703,9 +749,10 @@ class Harness:
             tracemalloc.start()
         elif memory == "rss":
             rss_before = reset_peak_rss()
+        calls = [0]
         start, start_cpu = time.perf_counter(), time.process_time()
         try:
-            with self.source.patched(patches), watchdog(seconds):
+            with self.source.patched(patches), watchdog(seconds), work_meter(work) as calls:
                 outcome.rows = pipeline(
                     self,
                     session,
@@ -716,9 +763,12 @@ class Harness:
                 )
         except CaseTimeout as exc:
             outcome.failure = f"timeout: {exc}"
+        except CaseOverWork as exc:
+            outcome.failure = f"over work bound: {exc}"
         except Exception as exc:  # the point: anything but a VmiError is a bug
             outcome.failure = "".join(traceback.format_exception(exc))
         finally:
+            outcome.work = calls[0]
             outcome.seconds = time.process_time() - start_cpu
             outcome.wall = time.perf_counter() - start
             if memory == "tracemalloc":
@@ -782,7 +832,7 @@ def pipeline(
         if fresh is None:
             return 0
         session = fresh
-    frame = _step(errors, "processes", session.processes)
+    frame = _step(errors, "processes", lambda: session.processes(threads=True))
     rows = list(frame.itertuples()) if frame is not None else []
     rendered: list[str] = []
     for row in rows:

@@ -66,7 +66,7 @@ def test_the_paging_mode_is_the_guests(session) -> None:
 
 def test_processes_equal_the_guests_own_list(session) -> None:
     s, truth, _ = session
-    df = s.processes()
+    df = s.processes(threads=True)
     assert df.error.isna().all(), df[df.error.notna()]
     ours = {row.pid: row for row in df.itertuples()}
     for task in truth.processes:
@@ -92,7 +92,7 @@ def test_processes_equal_the_guests_own_list(session) -> None:
 
 def test_the_marker_process_has_two_threads_and_its_command_line(session) -> None:
     s, truth, _ = session
-    df = s.processes()
+    df = s.processes(threads=True)
     marker = df[df.tgid == truth.marker_pid]
     assert len(marker) == 2
     leader = marker[marker.pid == truth.marker_pid].iloc[0]

@@ -192,7 +192,11 @@ class VmiMagics(Magics):
 
     # -- processes ----------------------------------------------------------------------
     @magic_arguments()
-    @argument("--threads", action="store_true", help="one row per thread, not per process")
+    @argument(
+        "--threads",
+        action="store_true",
+        help="one row per thread, like ps -eL (default: one row per process, like ps)",
+    )
     @argument("--user", action="store_true", help="user processes only")
     @argument("--kernel", action="store_true", help="kernel threads only")
     @argument("-n", "--comm", metavar="TEXT", help="only names (comm) containing TEXT")
@@ -202,7 +206,11 @@ class VmiMagics(Magics):
     @line_magic
     @boundary
     def ps(self, line: str = "") -> Any:
-        """The guest's processes as a DataFrame (pid, ppid, comm, state, uid, dtb, cmdline, …)."""
+        """The guest's processes as a DataFrame (pid, ppid, comm, state, uid, dtb, cmdline, …).
+
+        One row per process, like `ps` and `Session.processes()`; `--threads`
+        gives one row per thread, like `ps -eL`.
+        """
         args = parse_argstring(self.ps, line)
         if args.user and args.kernel:
             raise UsageError("--user and --kernel exclude each other")

@@ -37,6 +37,7 @@ def profile_dirs() -> list[Path]:
     repo_profiles = Path(__file__).resolve().parents[2] / "profiles"
     dirs += [
         repo_profiles,
+        Path(__file__).resolve().parents[1] / "profiles",  # a wheel's copy (package data)
         Path.home() / ".local" / "share" / "vmishell" / "profiles",
         default_cache_dir() / "built-profiles",
     ]

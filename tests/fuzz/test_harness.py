@@ -1,0 +1,111 @@
+"""The fuzz harness's own bounds: a case is bounded by its work, and a hang still ends.
+
+A case's bound is the number of function calls it makes (`work_meter`), a
+count that machine load cannot change; the CPU and wall-clock alarms
+(`watchdog`) are a generous hang detector only. These tests show each part
+failing the way it must: a blow-up fails on its work long before any alarm, a
+loop that makes no call is stopped by the CPU alarm, a wait by the wall-clock
+alarm, and the same case costs the same work on a quiet and on a loaded CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from . import harness as harness_module
+from .harness import (
+    WALL_FACTOR,
+    CaseOverWork,
+    CaseTimeout,
+    Harness,
+    Mutation,
+    watchdog,
+    work_meter,
+)
+
+
+def _noop() -> None:
+    pass
+
+
+def test_the_work_meter_counts_calls_and_stops_a_blow_up_at_its_bound() -> None:
+    with work_meter(10_000) as calls:
+        for _ in range(1_000):
+            _noop()
+    assert 1_000 <= calls[0] < 1_100
+    start = time.process_time()
+    with pytest.raises(CaseOverWork, match="more than 10000 function calls"), work_meter(10_000):
+        while True:
+            _noop()
+    assert time.process_time() - start < 1.0  # stopped by its count, long before any alarm
+    assert sys.getprofile() is None
+
+
+def test_the_cpu_alarm_stops_a_loop_that_makes_no_call() -> None:
+    start = time.perf_counter()
+    with pytest.raises(CaseTimeout, match=r"0\.5 s of CPU"), watchdog(0.5):
+        while True:
+            pass
+    assert time.perf_counter() - start < 0.5 * WALL_FACTOR
+
+
+def test_the_wall_clock_alarm_stops_a_case_that_waits() -> None:
+    with pytest.raises(CaseTimeout, match="wall clock"), watchdog(0.25):
+        time.sleep(60)
+
+
+# -- through the harness, on the lab dump ---------------------------------------------------
+
+
+@pytest.mark.lab
+def test_a_blowing_up_case_is_a_failure_named_for_its_work(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def blow_up(*args: object, **kwargs: object) -> int:
+        while True:
+            _noop()
+
+    monkeypatch.setattr(harness_module, "pipeline", blow_up)
+    outcome = harness.run([], work=100_000, memory="none")
+    assert outcome.failure == "over work bound: case made more than 100000 function calls"
+    assert outcome.work == 100_001
+
+
+@pytest.mark.lab
+def test_a_hanging_case_is_a_failure_named_for_the_watchdog(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def spin(*args: object, **kwargs: object) -> int:
+        while True:
+            pass
+
+    monkeypatch.setattr(harness_module, "pipeline", spin)
+    outcome = harness.run([], seconds=0.5, memory="none")
+    assert outcome.failure == "timeout: case used more than 0.5 s of CPU"
+
+
+@pytest.mark.lab
+def test_a_case_costs_the_same_work_on_a_loaded_cpu(harness: Harness) -> None:
+    """The bound is a count: a CPU hog sharing this process's CPU slows the case down
+    (wall clock) but does not change its work by a single call."""
+    case = [Mutation("task:vmi-marker.table.PT", "fill-self")]
+    harness.run(case, memory="none")  # warm: lazy imports and decodings are not the case's
+    quiet = harness.run(case, memory="none")
+    cpu = min(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        loaded = harness.run(case, memory="none")
+    finally:
+        os.sched_setaffinity(0, mine)
+        hog.kill()
+        hog.wait()
+    assert quiet.failure is None and loaded.failure is None
+    assert loaded.work == quiet.work > 10_000
