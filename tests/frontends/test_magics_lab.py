@@ -255,7 +255,7 @@ BAD_INPUT = [
     ("%ps -t nosuch", "no target named 'nosuch'"),
     ("%use nosuch", "no target named 'nosuch'"),
     ("%detach nosuch", "no target named 'nosuch'"),
-    ("%attach no-such-guest-xyz", "neither a file nor a running lab guest"),
+    ("%attach no-such-guest-xyz", "neither a file nor a lab instance"),
     ("%attach {name}", "already attached"),
     ("%vol linux.no_such_plugin", ""),
 ]
