@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -45,7 +46,12 @@ from vmishell.errors import (
 )
 from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.guest import LinuxGuest
-from vmishell.os.linux.kernel import KernelLocation, locate_kernel
+from vmishell.os.linux.kernel import (
+    KernelHints,
+    KernelLocation,
+    banner_candidates,
+    locate_kernel,
+)
 from vmishell.os.linux.liveness import KernelPulse, runs_on_cpu, ticks
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
@@ -204,6 +210,7 @@ class Session:
         self._pinned = 0
         self._resets = source.resets
         self._reboot_pending: str | None = None
+        self._lifecycle_lock = threading.RLock()  # a watch thread and the caller may both notice
         try:
             if profile is None:
                 profile = find_profile(source, limits=self.limits)
@@ -367,29 +374,46 @@ class Session:
         if not self._pinned:
             source.refresh()
         resets = source.resets
-        if resets is not None and resets != self._resets:
-            self._reboot_pending = (
-                self._reboot_pending or f"QEMU reported {resets - (self._resets or 0)} reset(s)"
-            )
-            self._resets = resets
-        elif self._pulse is not None and self._reboot_pending is None:
+        if resets is not None:
+            if resets != self._resets or self._reboot_pending is not None:
+                with self._lifecycle_lock:
+                    if resets != self._resets:
+                        self._reboot_pending = self._reboot_pending or "QEMU reported a reset"
+                        self._resets = resets
+                    if self._reboot_pending is not None:
+                        self._follow_reboot()
+        elif self._pulse is not None:
             sign = self._pulse.check()
-            if sign == "still":
-                self._verify_kernel()
-            elif sign is not None:
-                self._reboot_pending = sign
-        if self._reboot_pending is not None:
-            self._follow_reboot()
+            if sign is not None or self._reboot_pending is not None:
+                with self._lifecycle_lock:
+                    if sign == "still":
+                        self._verify_kernel()
+                    elif sign is not None:
+                        self._reboot_pending = sign
+                    if self._reboot_pending is not None:
+                        self._follow_reboot()
 
     def _verify_kernel(self) -> None:
-        """The kernel's ticks stopped: paused, idle, or rebooted elsewhere? Look again."""
+        """The kernel's ticks stopped: paused, idle, or rebooted elsewhere? Look again.
+
+        Only a second kernel in RAM is worth a closer look (which of them ticks):
+        a guest paused by another tool, or idle, still holds just the one.
+        """
         if self.source.state == "paused":
+            return
+        old = self.guest.location
+        try:
+            shifts = banner_candidates(
+                self.source, KernelHints.from_profile(self.profile), self.limits
+            )
+        except VmiError:
+            return
+        if shifts == [old.physical_shift]:
             return
         try:
             location = self._locate(after_reset=True)
         except VmiError:
             return  # no live kernel visible now (paused by another tool, or booting): ask later
-        old = self.guest.location
         if (location.physical_shift, location.virtual_shift) != (
             old.physical_shift,
             old.virtual_shift,
