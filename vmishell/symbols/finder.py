@@ -18,8 +18,8 @@ from pathlib import Path
 
 from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
-from vmishell.os.linux.kernel import KernelHints, aligned_shifts, shifts_at
 from vmishell.sources.base import PhysicalSource
+from vmishell.symbols.placement import KernelHints, aligned_shifts, shifts_at
 from vmishell.symbols.profile import Profile, load_profile
 
 PROFILE_SUFFIXES = (".json", ".json.xz", ".json.gz")
