@@ -339,6 +339,7 @@ def _tar(files: dict[str, bytes], compression: str) -> bytes:
         "xz": lambda: lzma.compress(raw),
         "gz": lambda: gzip.compress(raw),
         "zst": lambda: zstandard.ZstdCompressor().compress(raw),
+        "tar": lambda: raw,
     }[compression]()
 
 
@@ -347,11 +348,12 @@ def make_deb(
     compression: str = "xz",
     first: str = "debian-binary",
     package: str = "linux-image-6.1.0-test-amd64",
+    control: str | None = None,
 ) -> bytes:
-    control = f"Package: {package}\nVersion: 6.1.1-1\nArchitecture: amd64\n".encode()
+    text = control or f"Package: {package}\nVersion: 6.1.1-1\nArchitecture: amd64\n"
     members = [
         (first, b"2.0\n"),
-        ("control.tar.xz", _tar({"control": control}, "xz")),
+        ("control.tar.xz", _tar({"control": text.encode()}, "xz")),
         (f"data.tar.{compression}", _tar(files, compression)),
     ]
     out = bytearray(b"!<arch>\n")

@@ -14,14 +14,14 @@ import io
 import lzma
 import re
 import struct
-import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
-from vmishell.errors import KernelImageError, ProfileError
+from vmishell.errors import KernelImageError, PackageError, ProfileError
+from vmishell.symbols import deb
 from vmishell.symbols.sysmap import is_stub
 
 if TYPE_CHECKING:
@@ -671,75 +671,6 @@ def lzo1x_decompress(src: bytes, dst_len: int | None = None) -> bytes:
 # -- Debian packages ------------------------------------------------------------------
 
 
-@dataclass
-class _ArMember:
-    name: str
-    offset: int
-    size: int
-
-
-def _ar_members(f: BinaryIO, path: Path) -> list[_ArMember]:
-    f.seek(0, io.SEEK_END)
-    file_size = f.tell()
-    f.seek(len(AR_MAGIC))
-    members = []
-    while True:
-        header = f.read(60)
-        if not header:
-            break
-        if len(header) < 60 or header[58:60] != b"`\n":
-            raise KernelImageError(f"{path}: malformed ar archive (bad member header)")
-        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip() or 0)
-        offset = f.tell()
-        if offset + size > file_size:
-            raise KernelImageError(f"{path}: truncated package: member {name} ends past the file")
-        members.append(_ArMember(name, offset, size))
-        f.seek(offset + size + (size & 1))
-    return members
-
-
-class _Window(io.RawIOBase):
-    """A read-only view of [start, start+size) of an open file (one ar member)."""
-
-    def __init__(self, f: BinaryIO, start: int, size: int, report: Callable[[float], None]) -> None:
-        self._f, self._start, self._size, self._pos = f, start, size, 0
-        self._report = report
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        n = min(len(buf), self._size - self._pos)
-        if n <= 0:
-            return 0
-        self._f.seek(self._start + self._pos)
-        data = self._f.read(n)
-        buf[: len(data)] = data
-        self._pos += len(data)
-        self._report(self._pos / self._size)
-        return len(data)
-
-
-def _open_tar(f: BinaryIO, member: _ArMember, report: Callable[[float], None]) -> tarfile.TarFile:
-    raw = io.BufferedReader(_Window(f, member.offset, member.size, report), _CHUNK)
-    suffix = member.name.rsplit(".", 1)[-1]
-    if suffix == "zst":
-        import zstandard
-
-        stream = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(raw)
-        return tarfile.open(fileobj=stream, mode="r|")
-    if suffix == "xz":
-        return tarfile.open(fileobj=raw, mode="r|xz")
-    if suffix == "gz":
-        return tarfile.open(fileobj=raw, mode="r|gz")
-    if suffix == "bz2":
-        return tarfile.open(fileobj=raw, mode="r|bz2")
-    if suffix == "tar":
-        return tarfile.open(fileobj=raw, mode="r|")
-    raise KernelImageError(f"unsupported package member compression: {member.name}")
-
-
 _BOOT_FILES = {
     "kernel": re.compile(r"^boot/(vmlinuz|vmlinux|Image|zImage|bzImage)(-.+)?$"),
     "system_map": re.compile(r"^boot/System\.map(-.+)?$"),
@@ -748,65 +679,15 @@ _BOOT_FILES = {
 _DBG_FILES = {"system_map": re.compile(r"^usr/lib/debug/boot/System\.map(-.+)?$")}
 
 
-def _wanted_files(
-    tar: tarfile.TarFile, wanted: dict[str, re.Pattern[str]], folder: str
-) -> Iterator[tuple[str, bytes]]:
-    """(kind, content) of the first file matching each pattern, all under `folder`.
-
-    dpkg-deb writes members sorted, so once the names are past `folder` nothing
-    wanted can follow and the rest of the (large) tar is never decompressed.
-    """
-    found: set[str] = set()
-    last, in_order = "", True
-    for info in tar:
-        name = info.name.removeprefix("./")
-        if info.isfile():
-            for kind, pattern in wanted.items():
-                if kind not in found and pattern.match(name):
-                    fobj = tar.extractfile(info)
-                    if fobj is not None:
-                        found.add(kind)
-                        yield kind, fobj.read()
-        in_order = in_order and name >= last
-        last = name
-        if len(found) == len(wanted) or (in_order and name > folder + "~"):
-            return
-
-
-def _control_fields(f: BinaryIO, members: list[_ArMember]) -> dict[str, str]:
-    control = next((m for m in members if m.name.startswith("control.tar")), None)
-    if control is None:
-        return {}
-    with _open_tar(f, control, lambda _f: None) as tar:
-        for info in tar:
-            if info.name.removeprefix("./") == "control" and info.isfile():
-                fobj = tar.extractfile(info)
-                text = fobj.read().decode("utf-8", "replace") if fobj else ""
-                return dict(re.findall(r"^([\w-]+):\s*(.*)$", text, re.M))
-    return {}
-
-
 def _read_deb(
     path: Path, wanted: dict[str, re.Pattern[str]], folder: str, report: Progress
 ) -> tuple[dict[str, str], dict[str, bytes]]:
     """(control fields, {kind: content}) of a Debian package."""
-    with path.open("rb") as f:
-        members = _ar_members(f, path)
-        names = [m.name for m in members]
-        if not names or names[0] != "debian-binary":
-            raise KernelImageError(
-                f"{path} is not a kernel image: found an ar archive that is not a Debian "
-                f"package (members: {', '.join(names[:4]) or 'none'})"
-            )
-        fields = _control_fields(f, members)
-        data_member = next((m for m in members if m.name.startswith("data.tar")), None)
-        if data_member is None:
-            raise KernelImageError(f"{path}: Debian package without data.tar")
-        try:
-            with _open_tar(f, data_member, lambda frac: report("reading package", frac)) as tar:
-                files = dict(_wanted_files(tar, wanted, folder))
-        except (tarfile.TarError, lzma.LZMAError, EOFError, zlib.error, OSError) as exc:
-            raise KernelImageError(f"{path}: corrupt or truncated package data: {exc}") from exc
+    try:
+        fields = deb.control_fields(path)
+        files = deb.find_files(path, wanted, folder, lambda f: report("reading package", f))
+    except PackageError as exc:
+        raise KernelImageError(str(exc)) from exc
     report("reading package", 1.0)
     return fields, files
 
