@@ -30,6 +30,7 @@ from vmishell.symbols.kimage import (
     image_from_bytes,
     open_kernel,
 )
+from vmishell.symbols.locations import built_dir
 from vmishell.symbols.sysmap import (
     ESSENTIAL_DATA_SYMBOLS,
     SymbolTable,
@@ -44,9 +45,7 @@ PROFILE_SUFFIX = ".json.xz"
 
 def default_output_dir() -> Path:
     """Where built profiles go by default: a folder the profile finder searches."""
-    from vmishell.symbols.finder import default_cache_dir
-
-    return default_cache_dir() / "built-profiles"
+    return built_dir()
 
 
 def build_profile(
