@@ -77,6 +77,10 @@ class KernelImageError(ProfileError):
     """A file is not a kernel image vmishell can read (or is truncated)."""
 
 
+class PackageError(VmiError):
+    """A distribution package (.deb) is malformed, truncated or cannot be read."""
+
+
 class GuestDataError(VmiError):
     """Guest memory holds data that cannot be trusted (cycle, bad pointer, over a limit)."""
 

@@ -31,11 +31,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmishell.errors import VmiError
-from vmishell.os.linux.kernel import KernelHints
 from vmishell.os.linux.layout import maple_layout, mm_layout, task_layout, vma_layout
 from vmishell.sources import open_image
 from vmishell.symbols.btf import BtfKind, parse_btf
 from vmishell.symbols.isf_build import build_isf
+from vmishell.symbols.placement import KernelHints
 from vmishell.symbols.profile import Profile, load_profile
 
 from .harness import fuzz_settings

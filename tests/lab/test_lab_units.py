@@ -1,19 +1,20 @@
-"""The lab's pure parts, without QEMU: truth parsing, initramfs, .deb reading, argv, registers."""
+"""The lab's pure parts, without QEMU: truth parsing, initramfs, argv, registers.
+
+Reading .deb files is tested in tests/unit/test_deb.py (vmishell.symbols.deb).
+"""
 
 from __future__ import annotations
 
 import gzip
-import io
 import re
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from vmishell.errors import LabError, QmpError
-from vmishell.lab import deb, initramfs
+from vmishell.lab import initramfs
 from vmishell.lab.apt import PrivateApt, deb_filename
 from vmishell.lab.bootscript import render_init, template
 from vmishell.lab.guests import GUESTS, PLANNED_GUESTS, check_accel, get_guest
@@ -169,48 +170,6 @@ def test_initramfs_layout_and_concatenation() -> None:
         cpio = initramfs.Cpio()
         cpio.add_dir("bin")
         cpio.add_dir("/bin")
-
-
-# -- .deb -----------------------------------------------------------------------------------
-
-
-def _make_deb(path: Path, files: dict[str, bytes], control: str) -> None:
-    def tar_xz(entries: dict[str, bytes]) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-            for name, data in entries.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
-    members = [
-        ("debian-binary", b"2.0\n"),
-        ("control.tar.xz", tar_xz({"./control": control.encode()})),
-        ("data.tar.xz", tar_xz(files)),
-    ]
-    out = bytearray(b"!<arch>\n")
-    for name, data in members:
-        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{644:<8}{len(data):<10}`\n".encode()
-        out += data + (b"\n" if len(data) % 2 else b"")
-    path.write_bytes(bytes(out))
-
-
-def test_deb_extract_and_control(tmp_path: Path) -> None:
-    pkg = tmp_path / "k.deb"
-    _make_deb(
-        pkg,
-        {"./boot/vmlinuz-6.1.0-9-amd64": b"KERNEL", "./lib/modules/x.ko": b"M" * 1001},
-        "Package: linux-image-6.1.0-9-amd64\nVersion: 6.1.1-1\nDescription: a\n more\n",
-    )
-    found = deb.extract(pkg, lambda n: n.startswith("boot/vmlinuz-"), stop_when=bool)
-    assert found == {"boot/vmlinuz-6.1.0-9-amd64": b"KERNEL"}
-    fields = deb.control_fields(pkg)
-    assert fields["Package"] == "linux-image-6.1.0-9-amd64" and fields["Version"] == "6.1.1-1"
-    assert fields["Description"] == "a\nmore"
-    (tmp_path / "bad.deb").write_bytes(b"not an archive")
-    with pytest.raises(LabError, match="not a Debian package"):
-        deb.control_fields(tmp_path / "bad.deb")
 
 
 def test_private_apt_options_leave_system_state_alone(tmp_path: Path) -> None:

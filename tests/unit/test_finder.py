@@ -51,3 +51,25 @@ def test_the_shipped_profiles_are_indexed_once_and_then_read_from_the_index(
     assert [again.hints(p) for p in shipped] == hints
     assert not again._dirty
     assert all(h is not None and h.banner.startswith(b"Linux version ") for h in hints)
+
+
+def test_the_symbols_layer_imports_nothing_from_the_layers_above_it() -> None:
+    """Profiles sit below the OS layer: os.linux may use symbols, never the reverse."""
+    import ast
+
+    import vmishell.symbols
+
+    allowed = ("vmishell.symbols", "vmishell.sources", "vmishell.errors", "vmishell.limits")
+    upward = []
+    for path in sorted(Path(vmishell.symbols.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("vmishell.") and not name.startswith(allowed):
+                    upward.append(f"{path.name}:{node.lineno} imports {name}")
+    assert upward == []

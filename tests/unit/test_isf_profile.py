@@ -339,3 +339,63 @@ def test_the_cache_keeps_only_the_most_recently_used_entries(
         time.sleep(0.01)  # distinct mtimes
     assert len(list(cache_dir.glob("*.vmiprof"))) == 2
     assert load_profile(paths[0], cache_dir=cache_dir).symbol_address("extra") == 0
+
+
+# -- where a profile came from ----------------------------------------------------------
+
+
+@pytest.fixture
+def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Private profile folders: the built cache, one user folder, a shipped folder."""
+    from vmishell.symbols import locations
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VMISHELL_PROFILE_PATH", str(tmp_path / "mine"))
+    monkeypatch.setattr(locations, "shipped_dir", lambda: tmp_path / "shipped")
+    return {
+        "shipped": tmp_path / "shipped",
+        "built": tmp_path / "xdg" / "vmishell" / "built-profiles",
+        "user": tmp_path / "mine",
+        "file": tmp_path / "elsewhere",
+    }
+
+
+PRODUCER = {"kernel": "linux-image-6.1.0-99-amd64 6.1.999-1", "types_from": "BTF"}
+
+
+@pytest.mark.parametrize(
+    ("origin", "told"),
+    [
+        ("shipped", "shipped profile linux-9 (made from linux-image-6.1.0-99-amd64 6.1.999-1)"),
+        ("built", "profile built from package linux-image-6.1.0-99-amd64 6.1.999-1 ({path})"),
+        ("user", "profile linux-9 from a profile folder ({path}), made from linux-image-6.1.0"),
+        ("file", "profile linux-9 from a file ({path}), made from linux-image-6.1.0-99-amd64"),
+    ],
+)
+def test_a_profile_says_where_it_came_from_and_what_it_was_made_from(
+    places: dict[str, Path], origin: str, told: str
+) -> None:
+    path = write_isf(build_sample(producer=PRODUCER), places[origin] / "linux-9.json.xz")
+    profile = load_profile(path, cache_dir=places["file"] / "cache")
+    assert (profile.path, profile.origin) == (path, origin)
+    assert profile.made_from == "linux-image-6.1.0-99-amd64 6.1.999-1"
+    assert profile.provenance.startswith(told.format(path=path))
+
+
+def test_a_profile_of_another_tool_names_the_tool(places: dict[str, Path]) -> None:
+    isf = build_sample()
+    isf["metadata"]["producer"] = {"name": "dwarf2json", "version": "0.8.0"}
+    path = write_isf(isf, places["user"] / "vol.json")
+    profile = load_profile(path, cache_dir=places["file"] / "cache")
+    assert profile.made_from is None
+    assert (
+        profile.provenance
+        == f"profile vol from a profile folder ({path}), made by dwarf2json 0.8.0"
+    )
+
+
+def test_a_profile_built_in_memory_has_no_path() -> None:
+    profile = Profile.from_isf(build_sample(), "fresh")
+    assert (profile.path, profile.origin) == (None, "memory")
+    assert profile.provenance.startswith("profile fresh built in memory")

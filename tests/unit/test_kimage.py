@@ -1,4 +1,7 @@
-"""Kernel image formats: bzImage payloads, arm64 Image, EFI zboot, ELF, Debian packages."""
+"""Kernel image formats: bzImage payloads, arm64 Image, EFI zboot, ELF, Debian packages.
+
+kimage peels the layers; containers, compression, lzo and deb each read one kind.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +19,9 @@ import pytest
 import zstandard
 
 from vmishell.errors import KernelImageError, ProfileError
-from vmishell.symbols.kimage import (
-    deb_system_map,
-    decompress,
-    image_from_bytes,
-    lzo1x_decompress,
-    lzop_decompress,
-    open_kernel,
-)
+from vmishell.symbols.compression import decompress
+from vmishell.symbols.kimage import deb_system_map, image_from_bytes, open_kernel
+from vmishell.symbols.lzo import lzo1x_decompress, lzop_decompress
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BANNER = b"Linux version 6.1.0-test-amd64 (builder@example) (gcc 12) #1 SMP Debian 6.1.1-1 (2024)\n"
@@ -339,6 +337,7 @@ def _tar(files: dict[str, bytes], compression: str) -> bytes:
         "xz": lambda: lzma.compress(raw),
         "gz": lambda: gzip.compress(raw),
         "zst": lambda: zstandard.ZstdCompressor().compress(raw),
+        "tar": lambda: raw,
     }[compression]()
 
 
@@ -347,11 +346,12 @@ def make_deb(
     compression: str = "xz",
     first: str = "debian-binary",
     package: str = "linux-image-6.1.0-test-amd64",
+    control: str | None = None,
 ) -> bytes:
-    control = f"Package: {package}\nVersion: 6.1.1-1\nArchitecture: amd64\n".encode()
+    text = control or f"Package: {package}\nVersion: 6.1.1-1\nArchitecture: amd64\n"
     members = [
         (first, b"2.0\n"),
-        ("control.tar.xz", _tar({"control": control}, "xz")),
+        ("control.tar.xz", _tar({"control": text.encode()}, "xz")),
         (f"data.tar.{compression}", _tar(files, compression)),
     ]
     out = bytearray(b"!<arch>\n")
@@ -482,3 +482,14 @@ def test_real_deb(kernel_deb: Path) -> None:
     assert image.system_map is None  # Debian ships the stub
     assert image.config_option("KALLSYMS_ALL") == "y"
     assert len(image.vmlinux) > 30_000_000
+
+
+def test_names_from_before_the_split_still_import_from_kimage() -> None:
+    """kimage was one module; code written against it keeps working."""
+    from vmishell.symbols import compression, containers, kimage, lzo
+
+    assert kimage.decompress is compression.decompress
+    assert kimage.lzop_decompress is lzo.lzop_decompress
+    assert kimage.describe_bytes is containers.describe_bytes
+    for name in kimage.__all__:
+        assert getattr(kimage, name) is not None

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmishell.errors import LabError
-from vmishell.lab import deb, initramfs
+from vmishell.errors import LabError, PackageError
+from vmishell.lab import initramfs
 from vmishell.lab.apt import PrivateApt
 from vmishell.lab.bootscript import render_init
 from vmishell.lab.guests import GuestSpec, get_guest
 from vmishell.lab.paths import cache_root
 from vmishell.lab.workload import build_workload, layout
+from vmishell.symbols import deb
 
 Progress = Callable[[str], None]
 
@@ -203,6 +204,30 @@ def _fetch(apt: PrivateApt, spec: GuestSpec, debs: Path) -> dict[str, Any]:
     return out
 
 
+def _unpack(
+    packages: dict[str, Any], kernel_deb: Path, busybox_deb: Path
+) -> tuple[dict[str, bytes], bytes]:
+    """({boot/vmlinuz-*, boot/config-*: bytes}, busybox) after checking what each .deb holds."""
+    for role in ("kernel", "busybox"):
+        path = Path(packages[role]["deb"])
+        fields = deb.control_fields(path)
+        if fields.get("Package") != packages[role]["name"]:
+            raise LabError(f"{path} holds {fields.get('Package')}, not {packages[role]['name']}")
+        packages[role].update(version=fields.get("Version"), sha256=_sha256_file(path))
+    boot = deb.extract(
+        kernel_deb,
+        lambda n: n.startswith(("boot/vmlinuz-", "boot/config-")),
+        stop_when=lambda found: len(found) >= 2,
+        folder="boot/",
+    )
+    if not any(n.startswith("boot/vmlinuz-") for n in boot):
+        raise LabError(f"{kernel_deb} has no boot/vmlinuz-*")
+    bb = deb.extract(busybox_deb, lambda n: n == "bin/busybox", stop_when=bool, folder="bin/")
+    if "bin/busybox" not in bb:
+        raise LabError(f"{busybox_deb} has no bin/busybox")
+    return boot, bb["bin/busybox"]
+
+
 def _build_image(
     spec: GuestSpec, root: Path, image_dir: Path, say: Progress, force: bool
 ) -> dict[str, Any]:
@@ -223,27 +248,13 @@ def _build_image(
 
     kernel_deb = Path(packages["kernel"]["deb"])
     busybox_deb = Path(packages["busybox"]["deb"])
-    for role in ("kernel", "busybox"):
-        path = Path(packages[role]["deb"])
-        fields = deb.control_fields(path)
-        if fields.get("Package") != packages[role]["name"]:
-            raise LabError(f"{path} holds {fields.get('Package')}, not {packages[role]['name']}")
-        packages[role].update(version=fields.get("Version"), sha256=_sha256_file(path))
-
     say(f"{spec.image_name}: unpacking {kernel_deb.name}")
-    boot = deb.extract(
-        kernel_deb,
-        lambda n: n.startswith(("boot/vmlinuz-", "boot/config-")),
-        stop_when=lambda found: len(found) >= 2,
-    )
-    vmlinuz_name = next((n for n in boot if n.startswith("boot/vmlinuz-")), None)
-    if vmlinuz_name is None:
-        raise LabError(f"{kernel_deb} has no boot/vmlinuz-*")
+    try:
+        boot, busybox = _unpack(packages, kernel_deb, busybox_deb)
+    except PackageError as exc:
+        raise LabError(f"{spec.image_name}: {exc}") from exc
+    vmlinuz_name = next(n for n in boot if n.startswith("boot/vmlinuz-"))
     release = vmlinuz_name.removeprefix("boot/vmlinuz-")
-    bb = deb.extract(busybox_deb, lambda n: n == "bin/busybox", stop_when=bool)
-    if "bin/busybox" not in bb:
-        raise LabError(f"{busybox_deb} has no bin/busybox")
-    busybox = bb["bin/busybox"]
 
     image_dir.mkdir(parents=True, exist_ok=True)
     vmlinuz = image_dir / "vmlinuz"

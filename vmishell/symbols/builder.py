@@ -16,17 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmishell.errors import KernelImageError, ProfileError
-from vmishell.symbols.kimage import (
+from vmishell.symbols.containers import (
+    AR_MAGIC,
     BTF_MAGIC_BE,
     BTF_MAGIC_LE,
     ELF_MAGIC,
+    describe_bytes,
+)
+from vmishell.symbols.kimage import (
     NO_BTF_HINT,
     KernelImage,
     deb_system_map,
-    describe_bytes,
     image_from_bytes,
     open_kernel,
 )
+from vmishell.symbols.locations import built_dir
 from vmishell.symbols.sysmap import (
     ESSENTIAL_DATA_SYMBOLS,
     SymbolTable,
@@ -41,9 +45,7 @@ PROFILE_SUFFIX = ".json.xz"
 
 def default_output_dir() -> Path:
     """Where built profiles go by default: a folder the profile finder searches."""
-    from vmishell.symbols.finder import default_cache_dir
-
-    return default_cache_dir() / "built-profiles"
+    return built_dir()
 
 
 def build_profile(
@@ -149,7 +151,7 @@ def _load_map(path: Path, report: Progress) -> SymbolTable:
     """A System.map file, or the one inside a kernel -dbg package."""
     try:
         with path.open("rb") as f:
-            is_deb = f.read(8) == b"!<arch>\n"
+            is_deb = f.read(len(AR_MAGIC)) == AR_MAGIC
     except OSError as exc:
         raise ProfileError(f"cannot read System.map {path}: {exc.strerror}") from exc
     if not is_deb:

@@ -1,10 +1,11 @@
 """Choose the profile that matches the kernel in guest memory.
 
-Profiles come from the project's `profiles/` folder, the folders in
-`$VMISHELL_PROFILE_PATH`, `~/.local/share/vmishell/profiles` and the cache
-where `vmishell lab build` and `vmishell profile build` leave theirs. A
-profile matches when its `linux_banner` text sits in guest memory where a
-kernel image could have been placed and `init_task` checks out beside it.
+Profiles come from the folders `vmishell.symbols.locations` lists: the
+project's `profiles/`, `$VMISHELL_PROFILE_PATH`,
+`~/.local/share/vmishell/profiles` and the cache where `vmishell lab build`
+and `vmishell profile build` leave theirs. A profile matches when its
+`linux_banner` text sits in guest memory where a kernel image could have been
+placed and `init_task` checks out beside it.
 """
 
 from __future__ import annotations
@@ -18,30 +19,13 @@ from pathlib import Path
 
 from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
-from vmishell.os.linux.kernel import KernelHints, aligned_shifts, shifts_at
 from vmishell.sources.base import PhysicalSource
+from vmishell.symbols.locations import default_cache_dir, profile_dirs
+from vmishell.symbols.placement import KernelHints, aligned_shifts, shifts_at
 from vmishell.symbols.profile import Profile, load_profile
 
 PROFILE_SUFFIXES = (".json", ".json.xz", ".json.gz")
 _BANNER_RE = re.compile(rb"Linux version [0-9][\x20-\x7e]{10,400}")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vmishell"
-
-
-def profile_dirs() -> list[Path]:
-    """Where profiles are looked for, in order of preference."""
-    dirs = [Path(p) for p in os.environ.get("VMISHELL_PROFILE_PATH", "").split(os.pathsep) if p]
-    repo_profiles = Path(__file__).resolve().parents[2] / "profiles"
-    dirs += [
-        repo_profiles,
-        Path(__file__).resolve().parents[1] / "profiles",  # a wheel's copy (package data)
-        Path.home() / ".local" / "share" / "vmishell" / "profiles",
-        default_cache_dir() / "built-profiles",
-    ]
-    return [d for d in dirs if d.is_dir()]
 
 
 def candidate_profiles(extra_dirs: list[Path] | None = None) -> Iterator[Path]:

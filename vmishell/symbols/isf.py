@@ -34,7 +34,7 @@ from vmishell.errors import ProfileError
 from vmishell.symbols.btf import paused_gc
 
 #: Bumped whenever the compiled layout changes; older cache entries are rebuilt.
-COMPILED_VERSION = 2
+COMPILED_VERSION = 3
 _CACHE_MAGIC = b"VMIPROF\0"
 MAX_ENTRIES = 16  # compiled profiles kept in the cache directory
 _RACY_SECONDS = 2.0  # a fingerprint recorded sooner than this after a change is re-verified
@@ -345,6 +345,7 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
         "pointer_size": pointer[0] if pointer else _guess_pointer_size(base_types),
         "endian": endian,
         "banner": banner.rstrip(b"\0") if banner is not None else None,
+        "producer": _producer(isf["metadata"]),
     }
     sections = {
         "header": dumps(header),
@@ -358,6 +359,18 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
         "constant_data": dumps(constant_data),
     }
     return sections
+
+
+def _producer(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """metadata.producer as short strings (what made the ISF, e.g. from which kernel package)."""
+    producer = metadata.get("producer")
+    if not isinstance(producer, dict):
+        return {}
+    return {
+        str(k)[:40]: str(v)[:200]
+        for k, v in list(producer.items())[:16]
+        if isinstance(v, str | int | float)
+    }
 
 
 def _check_names(table: Mapping[str, Any], where: str) -> None:

@@ -31,6 +31,7 @@ from vmishell.symbols.isf import (
     decompress,
     parse_isf,
 )
+from vmishell.symbols.locations import ORIGINS, origin_of
 
 _AGGREGATE_KINDS = ("struct", "union", "class")
 _PATH_PART = re.compile(r"^(?P<name>[^.\[\]]+)(?P<index>(?:\[\d+\])*)$")
@@ -89,8 +90,12 @@ class _Aggregate:
 class Profile:
     """Answers symbol and layout questions about one kernel build."""
 
-    def __init__(self, sections: Mapping[str, bytes], *, name: str | None = None) -> None:
+    def __init__(
+        self, sections: Mapping[str, bytes], *, name: str | None = None, path: Path | None = None
+    ) -> None:
         self._sections = sections
+        #: The ISF file this profile was read from (None when built in memory).
+        self.path = path
         try:
             header = marshal.loads(sections["header"])
             self.name: str = name or header["name"]
@@ -99,7 +104,9 @@ class Profile:
             self.endian: str = header["endian"]
             #: linux_banner's constant data without its trailing NUL(s), if the ISF has it.
             self.banner: bytes | None = header["banner"]
-        except (KeyError, ValueError, EOFError, TypeError) as exc:
+            #: What made the ISF (its metadata.producer): name, version, kernel package, ...
+            self.producer: dict[str, str] = dict(header.get("producer") or {})
+        except (KeyError, ValueError, EOFError, TypeError, AttributeError) as exc:
             raise ProfileError(f"profile {name or '?'}: header is unreadable") from exc
         self._aggregates: dict[str, _Aggregate] = {}
         self._refs: dict[Desc, TypeRef] = {}
@@ -114,6 +121,36 @@ class Profile:
         return (
             f"<Profile {self.name} ({self.pointer_size * 8}-bit {self.endian}, ISF {self.format})>"
         )
+
+    # -- where it came from ----------------------------------------------------
+
+    @property
+    def origin(self) -> str:
+        """Where the profile came from: a key of `locations.ORIGINS` ("shipped", "built", ...)."""
+        return origin_of(self.path)
+
+    @property
+    def made_from(self) -> str | None:
+        """The kernel package (or file) the ISF was built from, when its producer says."""
+        return self.producer.get("kernel")
+
+    @property
+    def provenance(self) -> str:
+        """One line for users: which profile, where it came from, what it was made from.
+
+        e.g. "shipped profile linux-6.1.0-57-amd64-6.1.192-3 (made from
+        linux-image-6.1.0-57-amd64 6.1.192-3)" or "profile built from package
+        linux-image-6.1.0-58-686 6.1.193-1 (~/.cache/vmishell/built-profiles/...)".
+        """
+        origin, made = self.origin, self.made_from
+        where = f" ({self.path})" if self.path is not None else ""
+        if origin == "shipped":
+            return f"shipped profile {self.name}" + (f" (made from {made})" if made else "")
+        if origin == "built" and made:
+            return f"profile built from package {made}{where}"
+        tool = " ".join(v for k, v in self.producer.items() if k in ("name", "version"))
+        how = f"made from {made}" if made else f"made by {tool}" if tool else ""
+        return f"profile {self.name} {ORIGINS[origin]}{where}" + (f", {how}" if how else "")
 
     # -- lazily decoded sections --------------------------------------------
 
@@ -455,7 +492,7 @@ def load_profile(path: str | Path, *, cache_dir: Path | None = None) -> Profile:
         raise ProfileError(f"cannot read ISF {path}: {exc.strerror or exc}") from exc
     sections = cache.get(digest)
     if sections is not None:
-        return Profile(sections, name=name)
+        return Profile(sections, name=name, path=path)
     try:
         before = path.stat()
         raw = path.read_bytes()
@@ -469,4 +506,4 @@ def load_profile(path: str | Path, *, cache_dir: Path | None = None) -> Profile:
     del isf
     cache.put(digest, sections)
     cache.remember(path, before, after, digest)
-    return Profile(sections, name=name)
+    return Profile(sections, name=name, path=path)
