@@ -10,7 +10,7 @@ importing the lab: the arrows between layers keep pointing one way).
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from typing import TYPE_CHECKING, Any
 
 from vmishell.errors import SourceError
@@ -35,7 +35,7 @@ def opener(scheme: str) -> Opener | None:
     found = _openers.get(scheme)
     if found is not None:
         return found
-    for ep in entry_points(group=GROUP, name=scheme):
+    for ep in _own_entry_points(scheme) or entry_points(group=GROUP, name=scheme):
         try:
             loaded: Any = ep.load()
         except ImportError as exc:
@@ -43,6 +43,15 @@ def opener(scheme: str) -> Opener | None:
         _openers[scheme] = loaded
         return loaded
     return None
+
+
+def _own_entry_points(scheme: str) -> list[EntryPoint]:
+    """vmishell's own schemes: found without reading every installed package's metadata."""
+    try:
+        eps = distribution("vmishell").entry_points
+    except PackageNotFoundError:
+        return []
+    return [ep for ep in eps if ep.group == GROUP and ep.name == scheme]
 
 
 def known() -> list[str]:

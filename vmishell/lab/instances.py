@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vmishell.errors import LabError
+from vmishell.errors import LabError, NoSuchInstance
 from vmishell.lab.paths import ram_path, run_root
 from vmishell.lab.qemucmd import LaunchFiles
 
@@ -122,3 +122,20 @@ def kill(pid: int, sig: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def live_record(name: str) -> dict[str, Any]:
+    """The record of running instance `name`: NoSuchInstance if there is none, LabError if
+    its QEMU is gone. Light on imports, so attaching to a lab guest stays fast."""
+    files = files_for(name)
+    record = read_record(files)
+    if record is None or record.get("pid") is None:
+        names = known_names()
+        hint = f" (known: {', '.join(names)})" if names else " (none is running)"
+        raise NoSuchInstance(f"no lab instance named {name!r}{hint}")
+    if not pid_alive(int(record["pid"]), files.run_dir):
+        raise LabError(
+            f"lab instance {name!r} is not running (QEMU pid {record['pid']} is gone); "
+            f"`vmishell lab down {name}` cleans up"
+        )
+    return record

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmishell.errors import LabError, MissingToolError, NoSuchInstance, QmpError
+from vmishell.errors import LabError, MissingToolError, QmpError
 from vmishell.lab import instances
 from vmishell.lab.build import BuiltGuest, build_guest
 from vmishell.lab.guests import DEFAULT_MEMORY_MB, GuestSpec, check_accel, get_guest
@@ -367,17 +367,7 @@ def _wait_ready(name: str, spec: GuestSpec, files: LaunchFiles, pid: int, timeou
 
 def attach(name: str) -> RunningGuest:
     """The running instance `name` (e.g. started by another process)."""
-    files = instances.files_for(name)
-    record = instances.read_record(files)
-    if record is None or record.get("pid") is None:
-        raise NoSuchInstance(f"no lab instance named {name!r}{_running_hint()}")
-    guest = _guest_from_record(record, files)
-    if not guest.alive():
-        raise LabError(
-            f"lab instance {name!r} is not running (QEMU pid {guest.pid} is gone); "
-            f"`vmishell lab down {name}` cleans up"
-        )
-    return guest
+    return _guest_from_record(instances.live_record(name), instances.files_for(name))
 
 
 def _running_hint() -> str:

@@ -15,16 +15,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vmishell.errors import QmpError, SourceError
 from vmishell.sources.base import Registers
 from vmishell.sources.layout import flat_layout, qemu_x86_ram_layout
 from vmishell.sources.memory import BufferSource
-from vmishell.sources.vmwatch import ProcessWatch, QmpEvents, Throttle, peer_pid
-
-if TYPE_CHECKING:
-    from vmishell.sources.qmp import QmpClient
+from vmishell.sources.registers_text import parse_x86_registers
+from vmishell.sources.vmwatch import ProcessWatch, QmpEvents, Throttle, peer_pid, qmp_command
 
 
 def _map_file(path: Path, writable: bool) -> tuple[mmap.mmap, int]:
@@ -244,39 +241,36 @@ class QemuRamSource(MappedFileSource):
         super().close()
 
     # -- QMP ------------------------------------------------------------------------
-    def _qmp(self) -> QmpClient:
-        """A short-lived QMP connection: QEMU serves one client at a time, so
-        vmishell never keeps the socket from other tools between calls."""
+    def _command(self, name: str, **arguments: object) -> object:
+        """One QMP command on a short-lived connection: QEMU serves one client at a
+        time, so vmishell never keeps the socket from other tools between calls."""
         if self.qmp_path is None:
             raise SourceError(
                 f"{self.description} has no QMP socket: registers and pausing need one"
             )
-        from vmishell.sources.qmp import QmpClient
-
-        return QmpClient(self.qmp_path)
+        return qmp_command(self.qmp_path, name, arguments or None)
 
     def registers(self) -> Registers:
         if self.qmp_path is None:
             return super().registers()
         self.check()
-        with self._qmp() as qmp:
-            return qmp.registers()
+        text = self._command("human-monitor-command", **{"command-line": "info registers"})
+        return parse_x86_registers(str(text))
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Stop the guest for a consistent view; resume it only if it was running."""
         self.check()
-        with self._qmp() as qmp:
-            was_running = qmp.running()
-            if was_running:
-                qmp.stop()
+        status = self._command("query-status")
+        was_running = isinstance(status, dict) and bool(status.get("running"))
+        if was_running:
+            self._command("stop")
         self.refresh()
         try:
             yield
         finally:
             if was_running and self._ended is None and not self._closed:
-                with self._qmp() as qmp:
-                    qmp.cont()
+                self._command("cont")
             self.refresh()
 
 

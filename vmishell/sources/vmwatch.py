@@ -197,6 +197,66 @@ def _parse(line: bytes) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def qmp_command(
+    path: str | os.PathLike[str],
+    name: str,
+    arguments: dict | None = None,
+    *,
+    timeout: float = 30.0,
+) -> object:
+    """Run one QMP command on a fresh connection and return its result.
+
+    A plain blocking socket: no event loop to start, so a session attaches in
+    milliseconds (the asyncio client in `vmishell.sources.qmp` costs a tenth of
+    a second to import). Events arriving meanwhile are skipped.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    buffer = b""
+
+    def line() -> dict:
+        nonlocal buffer
+        while b"\n" not in buffer:
+            data = sock.recv(65536)
+            if not data:
+                raise QmpError(f"QMP {path}: connection closed during {name}")
+            buffer += data
+            if len(buffer) > 64 * MAX_EVENT_LINE:
+                raise QmpError(f"QMP {path}: reply to {name} too long")
+        raw, buffer = buffer.split(b"\n", 1)
+        return _parse(raw)
+
+    def execute(command: str, args: dict | None) -> object:
+        message: dict = {"execute": command}
+        if args:
+            message["arguments"] = args
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = line()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                err = reply["error"]
+                desc = err.get("desc", err) if isinstance(err, dict) else err
+                raise QmpError(f"QMP {command} on {path}: {desc}")
+
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        if "QMP" not in line():
+            raise QmpError(f"{path} is not a QMP socket")
+        execute("qmp_capabilities", None)
+        return execute(name, arguments)
+    except TimeoutError:
+        raise QmpError(
+            f"QMP {path} does not answer {name} in {timeout} s: QEMU serves one QMP client "
+            "at a time, so another tool may hold it (or the guest hung)"
+        ) from None
+    except OSError as exc:
+        raise QmpError(f"QMP {name} on {path}: {exc}") from exc
+    finally:
+        sock.close()
+
+
 class Throttle:
     """True at most once per `interval` seconds (the first call included)."""
 
@@ -214,4 +274,4 @@ class Throttle:
         return True
 
 
-__all__ = ["POLL_INTERVAL", "ProcessWatch", "QmpEvents", "Throttle", "peer_pid"]
+__all__ = ["POLL_INTERVAL", "ProcessWatch", "QmpEvents", "Throttle", "peer_pid", "qmp_command"]
