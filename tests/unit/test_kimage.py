@@ -9,7 +9,6 @@ import bz2
 import gzip
 import io
 import lzma
-import os
 import struct
 import tarfile
 from pathlib import Path
@@ -441,29 +440,10 @@ def test_truncated_deb(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def kernel_deb() -> Path:
-    """Debian's amd64 kernel package: $VMISHELL_KERNEL_DEB, else the lab's download cache."""
-    env = os.environ.get("VMISHELL_KERNEL_DEB")
-    path: Path | None = Path(env) if env else None
-    if path is None:
-        from vmishell.lab.paths import cache_root
+    """The x86_64 lab guest's kernel package, whichever version Debian serves (lab build)."""
+    from test_kallsyms import lab_kernel_deb  # tests/unit is on sys.path (no __init__.py)
 
-        debs = [
-            d
-            for d in sorted(
-                (cache_root() / "debs" / "amd64").glob("linux-image-*-amd64_*_amd64.deb")
-            )
-            if "-dbg_" not in d.name and "cloud" not in d.name
-        ]
-        path = debs[-1] if debs else None
-    if path is None or not path.is_file():
-        reason = (
-            "no Debian amd64 kernel .deb: set VMISHELL_KERNEL_DEB (apt-get download "
-            "linux-image-6.1.0-57-amd64) or run `vmishell lab build` first"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    return path
+    return lab_kernel_deb("x86_64")
 
 
 def test_real_deb(kernel_deb: Path) -> None:

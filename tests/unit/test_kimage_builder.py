@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
+import lzma
 import struct
 from pathlib import Path
 
 import pytest
-from test_kallsyms import build_tables  # tests/unit is on sys.path (no __init__.py)
+from test_kallsyms import LabKernel, build_tables, lab_kernel  # tests/unit is on sys.path
 from test_kimage import make_btf, make_deb
 
 from vmishell.cli import main
 from vmishell.errors import ProfileError
 from vmishell.symbols.builder import build_profile, profile_filename
 from vmishell.symbols.kimage import image_from_bytes
-from vmishell.symbols.profile import load_profile
+from vmishell.symbols.profile import Profile, load_profile
 from vmishell.symbols.sysmap import Symbol
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 TEXT = 0xFFFF800008000000
 WEAK = (
     b"Linux version 6.1.0-test-arm64 (x@y) (gcc (Debian 12.2.0-14) 12.2.0) # SMP Debian 6.1.1-1\n"
@@ -181,55 +180,44 @@ def test_progress_without_tqdm(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err.splitlines() == ["decompressing xz ...", "reading kallsyms ..."]
 
 
-# -- the real Debian amd64 package ----------------------------------------------------------------
+# -- Debian's amd64 package, held against its -dbg package ----------------------------
 
 
 @pytest.fixture(scope="module")
-def kernel_deb() -> Path:
-    """Debian's amd64 kernel package: $VMISHELL_KERNEL_DEB, else the lab's download cache."""
-    env = os.environ.get("VMISHELL_KERNEL_DEB")
-    path: Path | None = Path(env) if env else None
-    if path is None:
-        from vmishell.lab.paths import cache_root
-
-        debs = [
-            d
-            for d in sorted(
-                (cache_root() / "debs" / "amd64").glob("linux-image-*-amd64_*_amd64.deb")
-            )
-            if "-dbg_" not in d.name and "cloud" not in d.name
-        ]
-        path = debs[-1] if debs else None
-    if path is None or not path.is_file():
-        reason = (
-            "no Debian amd64 kernel .deb: set VMISHELL_KERNEL_DEB (apt-get download "
-            "linux-image-6.1.0-57-amd64) or run `vmishell lab build` first"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    return path
+def amd64_kernel() -> LabKernel:
+    """The x86_64 lab guest's kernel package and its -dbg files (the lab's build step)."""
+    return lab_kernel("x86_64")
 
 
-def test_real_profile_matches_system_map_and_dwarf(kernel_deb: Path, tmp_path: Path) -> None:
-    out = build_profile(kernel_deb, tmp_path)
-    profile = load_profile(out, cache_dir=tmp_path / "cache")
+@pytest.fixture(scope="module")
+def amd64_profile(amd64_kernel: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The profile `vmishell profile build` makes from that package alone."""
+    return build_profile(amd64_kernel.deb, tmp_path_factory.mktemp("amd64-profile"))
+
+
+def test_a_profile_built_from_debians_amd64_package_agrees_with_its_dbg_package(
+    amd64_kernel: LabKernel, amd64_profile: Path, tmp_path: Path
+) -> None:
+    """Whatever version Debian serves: symbols as System.map says, layouts as DWARF says."""
+    from vmishell.lab.dbgprofiles import check_profile
+
+    profile = load_profile(amd64_profile, cache_dir=tmp_path / "cache")
     assert profile.banner and b"#1 SMP" in profile.banner
-    symbols = json.loads((DATA / "amd64-6.1-symbols.json").read_text())
-    dwarf = json.loads((DATA / "amd64-6.1-dwarf-offsets.json").read_text())
-    if not out.name.startswith(f"linux-6.1.0-57-amd64-{symbols['_source']['version']}"):
-        pytest.skip(
-            f"fixtures are for 6.1.0-57-amd64 {symbols['_source']['version']}, not {out.name}"
-        )
-    wrong = [n for n, want in symbols["symbols"].items()
-             if profile.symbol_address(n) != int(want["address"], 16)]  # fmt: skip
-    assert not wrong
-    offsets = {
-        (struct_name, field): (profile.offset_of(struct_name, field), want)
-        for struct_name, desc in dwarf.items()
-        if not struct_name.startswith("_")
-        for field, want in desc["fields"].items()
-    }
-    assert {k: v for k, v in offsets.items() if v[0] != v[1]} == {}
-    sizes = {s: (profile.size_of(s), d["size"]) for s, d in dwarf.items() if not s.startswith("_")}
-    assert {k: v for k, v in sizes.items() if v[0] != v[1]} == {}
+    assert profile.producer["types_from"] == "BTF in the kernel image"
+    assert profile.producer["symbols_from"] == "kallsyms"
+    assert check_profile(profile, amd64_kernel.dbg) == []
+    assert len(amd64_kernel.dbg.layouts()["task_struct"]["members"]) > 200
+
+
+def test_the_dbg_check_finds_a_wrong_offset_and_a_wrong_address(
+    amd64_kernel: LabKernel, amd64_profile: Path
+) -> None:
+    """The check above can fail: one member moved and one symbol moved are both reported."""
+    from vmishell.lab.dbgprofiles import check_profile
+
+    isf = json.loads(lzma.decompress(amd64_profile.read_bytes()))
+    isf["user_types"]["task_struct"]["fields"]["comm"]["offset"] += 8
+    isf["symbols"]["init_task"]["address"] += 64
+    problems = check_profile(Profile.from_isf(isf, "tampered"), amd64_kernel.dbg)
+    assert any(p.startswith("task_struct.comm at bit") for p in problems), problems
+    assert any("init_task at" in p for p in problems), problems

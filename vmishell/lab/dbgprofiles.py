@@ -1,236 +1,297 @@
-"""Build vmishell profiles for Debian's current i386 kernels (686-pae and 686).
+"""A lab kernel's -dbg package, boiled down to System.map, DWARF layouts and BTF.
 
-Debian's i386 kernels carry no BTF and no CONFIG_KALLSYMS_ALL, so the types
-come from the `-dbg` package's DWARF (converted to BTF with pahole) and the
-symbols from the `-dbg` package's System.map. For each meta package
-(linux-image-686-pae, linux-image-686) this script:
+Debian ships each kernel's DWARF vmlinux and real System.map in a separate
+`linux-image-<release>-dbg` package (760-860 MB). vmishell needs it twice:
+Debian's i386 kernels carry neither BTF nor CONFIG_KALLSYMS_ALL, so their
+profiles are built from it; and it is the ground truth every profile is held
+against in the tests (addresses from System.map, layouts from pahole's view of
+the DWARF), for whichever kernel version Debian serves.
 
- 1. resolves the concrete kernel package it depends on today, with a private
-    i386 apt state in the lab cache (the system's dpkg is left alone), and
-    downloads the kernel .deb (kept: the lab boots it) and its -dbg .deb;
- 2. streams vmlinux-<release> and System.map-<release> out of the -dbg .deb
-    (`dpkg-deb --fsys-tarfile | tar x --occurrence=1`), then deletes the
-    ~760 MB -dbg .deb unless --keep-debs;
- 3. runs `pahole --btf_encode_detached=<release>.btf vmlinux-<release>`
-    (about 5 s, 400 MB peak), then deletes the 315 MB vmlinux unless
-    --keep-vmlinux;
- 4. builds the ISF with vmishell.symbols.builder.build_profile and checks it
-    (pointer size 4, banner, init_task address == System.map, swapper_pg_dir,
-    page-table entry width: 8 bytes on PAE, 4 on legacy 686).
+For one kernel package and version, `debug_files` downloads the -dbg package
+of that very version (private apt state, see `vmishell.lab.apt`), streams
+vmlinux and System.map out of it, runs pahole, and keeps only the small
+results under `<lab cache>/dbg/<debian arch>/<package>_<version>/`:
 
-It is idempotent: a profile that exists and passes the checks is kept, and
-each step is skipped when its output is already there.
+    System.map-<release>  the real one (the kernel package ships an 83-byte stub)
+    layouts.json          pahole's DWARF layouts of the structures vmishell reads
+    <release>.btf         pahole --btf_encode_detached (only when asked: i386 types)
+    record.json           which -dbg .deb they came from (name, version, size, sha256)
 
-Profiles go to ~/.cache/vmishell/built-profiles (searched by the profile
-finder) unless --out-dir says otherwise (the project ships its own in
-profiles/: `scripts/make-i386-profiles --out-dir profiles`).
-
-Usage: python -m vmishell.lab.dbgprofiles [--flavour 686-pae|686 ...] [--out-dir DIR]
-           [--work-dir DIR] [--refresh] [--keep-debs] [--keep-vmlinux] [--force]
+About 10 MB per kernel; the .deb and the vmlinux are deleted unless kept.
+Each step is skipped when its output exists and record.json is written last,
+so an interrupted run redoes only what is missing.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import fcntl
+import hashlib
+import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from vmishell.errors import LabError
+from vmishell.errors import LabError, PackageError, ProfileError
+from vmishell.lab import pahole
 from vmishell.lab.apt import PrivateApt
 from vmishell.lab.paths import cache_root
+from vmishell.symbols import deb
+from vmishell.symbols.profile import Profile
+from vmishell.symbols.sysmap import load_system_map
 
-FLAVOURS = ("686-pae", "686")
-#: Bytes per page-table entry: PAE uses 64-bit entries, legacy 686 32-bit.
-PTE_BYTES = {"686-pae": 8, "686": 4}
+Progress = Callable[[str], None]
 
-
-def say(msg: str) -> None:
-    print(f"[make-i386-profiles] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, **kw)
+_DBG_BOOT = "usr/lib/debug/boot/"
 
 
-def resolve(apt: PrivateApt, flavour: str, refresh: bool) -> tuple[str, str]:
-    """(concrete kernel package, its version) that linux-image-<flavour> depends on."""
-    meta = f"linux-image-{flavour}"
-    apt.ensure_lists(refresh=refresh)
-    names = [n for n in apt.depends(meta, prefix="linux-image-") if not n.endswith("-dbg")]
-    if not names and not apt.updated:
-        apt.update()
-        names = [n for n in apt.depends(meta, prefix="linux-image-") if not n.endswith("-dbg")]
-    if not names:
-        sys.exit(f"cannot resolve {meta} (i386) to a kernel package")
-    package = names[0]
-    return package, apt.resolve(package)
+@dataclass(frozen=True)
+class DebugFiles:
+    """What vmishell keeps of one kernel's -dbg package."""
+
+    kernel_package: str
+    version: str
+    debian_arch: str
+    folder: Path
+    record: dict[str, Any]
+
+    @property
+    def release(self) -> str:
+        return self.kernel_package.removeprefix("linux-image-")
+
+    @property
+    def system_map(self) -> Path:
+        return self.folder / f"System.map-{self.release}"
+
+    @property
+    def layouts_path(self) -> Path:
+        return self.folder / "layouts.json"
+
+    @property
+    def btf(self) -> Path | None:
+        path = self.folder / f"{self.release}.btf"
+        return path if path.is_file() else None
+
+    def layouts(self) -> dict[str, Any]:
+        """{struct: {"size": n, "members": {name: [offset, bit or None, size]}}} (DWARF)."""
+        return json.loads(self.layouts_path.read_text())
 
 
-def extract_dbg(dbg_deb: Path, release: str, work: Path) -> None:
-    """Stream vmlinux-<release> and System.map-<release> out of the -dbg package."""
-    members = [
-        f"./usr/lib/debug/boot/vmlinux-{release}",
-        f"./usr/lib/debug/boot/System.map-{release}",
-    ]
-    say(f"extracting {', '.join(Path(m).name for m in members)} from {dbg_deb.name}")
-    t = time.monotonic()
-    tmp = work / f".extract-{release}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    deb = subprocess.Popen(
-        ["dpkg-deb", "--fsys-tarfile", str(dbg_deb)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    # --occurrence=1 stops reading once both members were seen (dpkg-deb then dies of SIGPIPE).
-    tar = subprocess.run(
-        ["tar", "x", "--occurrence=1", "--strip-components=5", "-C", str(tmp), *members],
-        stdin=deb.stdout,
-        check=False,
-    )
-    deb.stdout.close()  # type: ignore[union-attr]
-    deb.wait()
-    names = [Path(m).name for m in members]
-    if tar.returncode != 0 or not all((tmp / n).is_file() for n in names):
-        sys.exit(f"could not extract {members} from {dbg_deb}")
-    for n in names:  # only complete files get their final names
-        os.replace(tmp / n, work / n)
-    tmp.rmdir()
-    say(f"  done in {time.monotonic() - t:.1f} s")
+def dbg_folder(debian_arch: str, kernel_package: str, version: str, cache: Path) -> Path:
+    return cache / "dbg" / debian_arch / f"{kernel_package}_{version.replace(':', '%3a')}"
 
 
-def make_btf(vmlinux: Path, btf: Path) -> None:
-    if shutil.which("pahole") is None:
-        sys.exit("pahole is missing: apt-get install dwarves")
-    say(f"pahole --btf_encode_detached={btf.name} {vmlinux.name}")
-    t = time.monotonic()
-    tmp = btf.with_name(btf.name + ".tmp")
-    run(["pahole", f"--btf_encode_detached={tmp}", str(vmlinux)])
-    os.replace(tmp, btf)
-    say(f"  done in {time.monotonic() - t:.1f} s, {btf.stat().st_size} bytes")
+def debug_files(
+    debian_arch: str,
+    kernel_package: str,
+    version: str,
+    *,
+    btf: bool = False,
+    cache: Path | None = None,
+    keep_deb: bool = False,
+    keep_vmlinux: bool = False,
+    progress: Progress | None = None,
+) -> DebugFiles:
+    """The -dbg files of `kernel_package` `version`, downloading and boiling down once.
+
+    `btf` also makes <release>.btf (types for kernels without BTF of their own).
+    """
+    say = progress or (lambda _msg: None)
+    root = cache if cache is not None else cache_root()
+    folder = dbg_folder(debian_arch, kernel_package, version, root)
+    found = _complete(folder, kernel_package, version, debian_arch, btf)
+    if found is not None:
+        return found
+    with _locked(root / "locks" / f"dbg-{folder.name}.lock"):
+        found = _complete(folder, kernel_package, version, debian_arch, btf)
+        if found is not None:
+            return found
+        folder.mkdir(parents=True, exist_ok=True)
+        record = _make(folder, root, debian_arch, kernel_package, version, btf, say)
+        _keep_or_delete(folder, record, keep_deb, keep_vmlinux)
+        _write_json(folder / "record.json", record)
+    return DebugFiles(kernel_package, version, debian_arch, folder, record)
 
 
-def system_map_address(system_map: Path, name: str) -> int | None:
-    pattern = re.compile(rf"^([0-9a-fA-F]+) \S {re.escape(name)}$")
-    with system_map.open() as f:
-        for line in f:
-            m = pattern.match(line.rstrip("\n"))
-            if m:
-                return int(m.group(1), 16)
-    return None
-
-
-def check_profile(path: Path, flavour: str, release: str, system_map: Path) -> list[str]:
-    """Problems with the profile at `path` (empty when it is good)."""
-    from vmishell.symbols.profile import load_profile
-
-    problems = []
+def _complete(
+    folder: Path, kernel_package: str, version: str, debian_arch: str, btf: bool
+) -> DebugFiles | None:
     try:
-        p = load_profile(path)
-    except Exception as exc:
-        return [f"does not load: {exc}"]
-    if p.pointer_size != 4:
-        problems.append(f"pointer_size {p.pointer_size}, not 4")
-    banner = (p.banner or b"").decode("ascii", "replace")
-    if not banner.startswith(f"Linux version {release} "):
-        problems.append(f"banner {banner[:60]!r} is not for {release}")
-    want = system_map_address(system_map, "init_task")
-    if want is None or p.symbol_address("init_task") != want:
-        problems.append("init_task address differs from System.map")
-    if not p.has_symbol("swapper_pg_dir"):
-        problems.append("no swapper_pg_dir symbol")
-    # pteval_t is a typedef, which ISFs do not keep; struct pgprot wraps a
-    # pgprotval_t, which has the width of a page-table entry.
-    if p.size_of("pgprot") != PTE_BYTES[flavour]:
-        problems.append(f"struct pgprot is {p.size_of('pgprot')} bytes, not {PTE_BYTES[flavour]}")
-    return problems
+        record = json.loads((folder / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = DebugFiles(kernel_package, version, debian_arch, folder, record)
+    ready = files.system_map.is_file() and files.layouts_path.is_file()
+    return files if ready and (files.btf is not None or not btf) else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--flavour", action="append", choices=FLAVOURS, help="default: both")
-    ap.add_argument("--out-dir", type=Path, help="default: ~/.cache/vmishell/built-profiles")
-    ap.add_argument("--work-dir", type=Path, help="default: <lab cache>/dbg/i386")
-    ap.add_argument("--refresh", action="store_true", help="update the package lists first")
-    ap.add_argument("--keep-debs", action="store_true", help="keep the -dbg .deb (~760 MB)")
-    ap.add_argument("--keep-vmlinux", action="store_true", help="keep the DWARF vmlinux (~315 MB)")
-    ap.add_argument("--force", action="store_true", help="rebuild profiles that pass the checks")
-    args = ap.parse_args(argv)
+def _make(
+    folder: Path,
+    root: Path,
+    debian_arch: str,
+    kernel_package: str,
+    version: str,
+    btf: bool,
+    say: Progress,
+) -> dict[str, Any]:
+    """Make whatever of System.map, layouts.json and the BTF is missing; the record."""
+    release = kernel_package.removeprefix("linux-image-")
+    dbg_package = f"{kernel_package}-dbg"
+    vmlinux, smap = folder / f"vmlinux-{release}", folder / f"System.map-{release}"
+    layouts, btf_path = folder / "layouts.json", folder / f"{release}.btf"
+    record: dict[str, Any] = {"kernel_package": kernel_package, "version": version}
+    with contextlib.suppress(OSError, ValueError):
+        record.update(json.loads((folder / "record.json").read_text()))
+    needs_vmlinux = not layouts.is_file() or (btf and not btf_path.is_file())
+    if not smap.is_file() or (needs_vmlinux and not vmlinux.is_file()):
+        dbg = _download(root, debian_arch, dbg_package, version, folder, say)
+        record.update(_describe_deb(dbg, dbg_package, version))
+        wanted = {f"{_DBG_BOOT}System.map-{release}": smap}
+        if needs_vmlinux:
+            wanted[f"{_DBG_BOOT}vmlinux-{release}"] = vmlinux
+        say(f"{dbg_package}: extracting {', '.join(p.name for p in wanted.values())}")
+        started = time.monotonic()
+        try:
+            written = deb.extract_to(dbg, wanted, folder=_DBG_BOOT)
+        except PackageError as exc:
+            raise LabError(f"{dbg_package} {version}: {exc}") from exc
+        missing = [name for name in wanted if name not in written]
+        if missing:
+            raise LabError(f"{dbg} has no {', '.join(missing)}")
+        say(f"  done in {time.monotonic() - started:.1f} s")
+    if not layouts.is_file():
+        say(f"pahole: DWARF layouts of {len(pahole.LAYOUT_STRUCTS)} structures")
+        started = time.monotonic()
+        _write_json(layouts, pahole.dwarf_layouts(vmlinux))
+        say(f"  done in {time.monotonic() - started:.1f} s")
+    if btf and not btf_path.is_file():
+        say(f"pahole: BTF of {release}")
+        started = time.monotonic()
+        pahole.encode_btf(vmlinux, btf_path)
+        say(f"  done in {time.monotonic() - started:.1f} s, {btf_path.stat().st_size} bytes")
+    record["made_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return record
 
-    from vmishell.symbols.builder import PROFILE_SUFFIX, build_profile, default_output_dir
 
-    root = cache_root()
-    out_dir = (args.out_dir or default_output_dir()).resolve()
-    work = (args.work_dir or root / "dbg" / "i386").resolve()
-    debs = root / "debs" / "i386"
-    for d in (out_dir, work, debs, root / "locks"):
-        d.mkdir(parents=True, exist_ok=True)
-
-    apt = PrivateApt("i386", root / "apt" / "i386", say)
-    failed = 0
-    for flavour in args.flavour or FLAVOURS:
-        with open(root / "locks" / "apt-i386.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            package, version = resolve(apt, flavour, args.refresh)
+def _download(
+    root: Path, debian_arch: str, package: str, version: str, dest: Path, say: Progress
+) -> Path:
+    apt = PrivateApt(debian_arch, root / "apt" / debian_arch, say)
+    with _locked(root / "locks" / f"apt-{debian_arch}.lock"):
+        apt.ensure_lists()
+        try:
+            return apt.download(package, version, dest)
+        except LabError:
+            if apt.updated:
+                raise
+            apt.update()  # stale lists can name a version the mirror dropped
             try:
-                kernel_deb = apt.download(package, version, debs)
-            except LabError:
-                if apt.updated:
-                    raise
-                apt.update()  # stale lists can name a version the mirror dropped
-                package, version = resolve(apt, flavour, False)
-                kernel_deb = apt.download(package, version, debs)
-            release = package.removeprefix("linux-image-")
-            say(f"linux-image-{flavour} -> {package} {version}")
-            # builder.profile_filename's naming: release, then the Debian version.
-            out = out_dir / f"linux-{release}-{version.replace(':', '_')}{PROFILE_SUFFIX}"
-            system_map = work / f"System.map-{release}"
-            btf = work / f"{release}.btf"
-            vmlinux = work / f"vmlinux-{release}"
-        if out.is_file() and system_map.is_file() and not args.force:
-            problems = check_profile(out, flavour, release, system_map)
-            if not problems:
-                say(f"{out} is up to date")
-                continue
-            say(f"rebuilding {out.name}: {'; '.join(problems)}")
+                return apt.download(package, version, dest)
+            except LabError as exc:
+                raise LabError(
+                    f"cannot download {package} {version} ({debian_arch}): Debian's archive "
+                    "keeps only its current kernels. If the lab image is older, rebuild it "
+                    f"with `vmishell lab build --force`.\n{exc}"
+                ) from exc
 
-        if not system_map.is_file() or not (btf.is_file() or vmlinux.is_file()):
-            with open(root / "locks" / "apt-i386.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    dbg_deb = apt.download(f"{package}-dbg", version, work)
-                except LabError:
-                    if apt.updated:
-                        raise
-                    apt.update()
-                    dbg_deb = apt.download(f"{package}-dbg", version, work)
-            extract_dbg(dbg_deb, release, work)
-            if not args.keep_debs:
-                dbg_deb.unlink()
-        if not btf.is_file():
-            make_btf(vmlinux, btf)
-        if vmlinux.is_file() and not args.keep_vmlinux:
+
+def _describe_deb(path: Path, package: str, version: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {
+        "dbg_package": package,
+        "dbg_version": version,
+        "dbg_deb": path.name,
+        "dbg_size": path.stat().st_size,
+        "dbg_sha256": h.hexdigest(),
+    }
+
+
+def _keep_or_delete(
+    folder: Path, record: dict[str, Any], keep_deb: bool, keep_vmlinux: bool
+) -> None:
+    if not keep_vmlinux:
+        for vmlinux in folder.glob("vmlinux-*"):
             vmlinux.unlink()
-
-        say(f"building {out}")
-        t = time.monotonic()
-        build_profile(kernel_deb, out, system_map=system_map, btf=btf)
-        out.chmod(0o644)  # write_isf's temporary file is created 0600
-        say(f"  done in {time.monotonic() - t:.1f} s, {out.stat().st_size} bytes")
-        problems = check_profile(out, flavour, release, system_map)
-        if problems:
-            failed += 1
-            say(f"{out.name} FAILED its checks: {'; '.join(problems)}")
-        else:
-            say(f"{out.name}: checks passed")
-    return 1 if failed else 0
+    if not keep_deb and record.get("dbg_deb"):
+        (folder / record["dbg_deb"]).unlink(missing_ok=True)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- holding a profile against the -dbg package ------------------------------------------
+
+_POINTER_SIZE = {"amd64": 8, "i386": 4, "arm64": 8}
+
+
+def check_profile(profile: Profile, dbg: DebugFiles, limit: int = 20) -> list[str]:
+    """What in `profile` disagrees with the -dbg package of its kernel (empty: nothing).
+
+    Symbols: every one the System.map lists (absolute ones and the kallsyms
+    tables aside) is in the profile, and each profile symbol has the address
+    the System.map gives its name (a global definition over a local one).
+    Types: every member of the structures in layouts.json has pahole's offset
+    (bit-fields compared bit for bit) and every structure pahole's size.
+    """
+    problems: list[str] = []
+    want_ptr = _POINTER_SIZE.get(dbg.debian_arch)
+    if want_ptr is not None and profile.pointer_size != want_ptr:
+        problems.append(f"pointer size {profile.pointer_size}, not {want_ptr}")
+    banner = (profile.banner or b"").decode("ascii", "replace")
+    if not banner.startswith(f"Linux version {dbg.release} "):
+        problems.append(f"banner {banner[:60]!r} is not that of {dbg.release}")
+    smap = load_system_map(dbg.system_map)
+    names = set(profile.symbol_names())
+    missing = sorted(
+        {s.name for s in smap if s.type not in "aA" and not s.name.startswith("kallsyms_")} - names
+    )
+    if missing:
+        problems.append(f"{len(missing)} System.map symbols missing, e.g. {missing[:5]}")
+    wrong = [
+        f"{n} at {profile.symbol_address(n):#x}, System.map {smap.get(n, 0):#x}"
+        for n in sorted(names)
+        if profile.symbol_address(n) != smap.get(n)
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} symbols at other addresses than System.map's: {wrong[:5]}")
+    for struct, layout in dbg.layouts().items():
+        problems += _layout_problems(profile, struct, layout)
+    return problems[:limit]
+
+
+def _layout_problems(profile: Profile, struct: str, layout: dict[str, Any]) -> list[str]:
+    try:
+        size = profile.size_of(struct)
+    except ProfileError as exc:
+        return [f"{struct}: {exc}"]
+    problems = [] if size == layout["size"] else [f"{struct} is {size} bytes, not {layout['size']}"]
+    for name, (offset, bit, _size) in layout["members"].items():
+        try:
+            field = profile.field(struct, name)
+        except ProfileError as exc:
+            problems.append(f"{struct}.{name}: {exc}")
+            continue
+        got = field.offset * 8 + (field.type.bit_position or 0)
+        if got != offset * 8 + (bit or 0):
+            problems.append(f"{struct}.{name} at bit {got}, pahole says {offset * 8 + (bit or 0)}")
+    return problems

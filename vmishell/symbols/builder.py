@@ -72,7 +72,7 @@ def build_profile(
     producer = {
         "kernel": image.describe(),
         "types_from": types_from,
-        "symbols_from": symbols.source,
+        "symbols_from": _recorded(symbols.source),
     }
     isf = build_isf(
         btf_bytes,
@@ -88,6 +88,11 @@ def build_profile(
     written = write_isf(isf, path)
     report("writing profile", 1.0)
     return written
+
+
+def _recorded(source: str) -> str:
+    """How a symbol source is named in the ISF: by file name, never by a local path."""
+    return f"System.map file {Path(source).name}" if Path(source).is_absolute() else source
 
 
 def _types(image: KernelImage, btf: Path | str | None) -> tuple[bytes, str]:

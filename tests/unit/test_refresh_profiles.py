@@ -1,0 +1,86 @@
+"""scripts/refresh-profiles: what profiles/ holds is what its README says, checksums included."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from vmishell.lab.dbgprofiles import DebugFiles
+from vmishell.lab.refresh import (
+    BEGIN,
+    END,
+    LabKernel,
+    Shipped,
+    lab_kernels,
+    prune,
+    render_section,
+    replace_section,
+)
+from vmishell.symbols.isf_build import write_isf
+
+PROSE = "# Shipped kernel profiles\n\nHand-written text.\n\n## The files\n\n"
+
+
+def _shipped(tmp_path: Path) -> Shipped:
+    from test_isf_build import build_sample  # tests/unit is on sys.path (no __init__.py)
+
+    profile = write_isf(build_sample(), tmp_path / "linux-6.1.0-99-686-6.1.999-1.json.xz")
+    deb = tmp_path / "linux-image-6.1.0-99-686_6.1.999-1_i386.deb"
+    deb.write_bytes(b"kernel package")
+    folder = tmp_path / "dbg"
+    folder.mkdir()
+    (folder / "layouts.json").write_text(json.dumps({"pid": {"size": 8, "members": {}}}))
+    record = {"dbg_deb": "linux-image-6.1.0-99-686-dbg_6.1.999-1_i386.deb",
+              "dbg_size": 765_000_000, "dbg_sha256": "ab" * 32}  # fmt: skip
+    return Shipped(
+        kernel=LabKernel("i386", "linux-image-686", ("i386",)),
+        meta_version="6.1.999-1",
+        package="linux-image-6.1.0-99-686",
+        version="6.1.999-1",
+        profile=profile,
+        json_size=12345,
+        banner="Linux version 6.1.0-99-686 (x@y) #1 SMP Debian 6.1.999-1",
+        kernel_deb=deb,
+        dbg=DebugFiles("linux-image-6.1.0-99-686", "6.1.999-1", "i386", folder, record),
+        symbols=81_000,
+        members=700,
+    )
+
+
+def test_the_generated_part_names_each_file_and_package_with_its_checksum(tmp_path: Path) -> None:
+    shipped = _shipped(tmp_path)
+    section = render_section([shipped], "2026-12-04")
+    assert section.startswith(BEGIN) and section.rstrip().endswith(END)
+    assert "Refreshed on 2026-12-04" in section
+    digest = hashlib.sha256(shipped.profile.read_bytes()).hexdigest()
+    assert "| `linux-6.1.0-99-686-6.1.999-1.json.xz` |" in section and digest in section
+    assert hashlib.sha256(b"kernel package").hexdigest() in section
+    assert "linux-image-6.1.0-99-686-dbg_6.1.999-1_i386.deb` | 765 MB | `" + "ab" * 32 in section
+    assert shipped.banner in section and "`i386`" in section
+
+
+def test_only_the_generated_part_of_the_readme_is_rewritten(tmp_path: Path) -> None:
+    first = replace_section(PROSE, render_section([_shipped(tmp_path)], "2026-12-01"))
+    assert first.startswith(PROSE) and first.count(BEGIN) == 1
+    again = replace_section(first + "\nAfter.\n", render_section([], "2026-12-04"))
+    assert again.startswith(PROSE) and again.endswith("\nAfter.\n")
+    assert "2026-12-01" not in again and "Refreshed on 2026-12-04" in again
+    assert again.count(BEGIN) == again.count(END) == 1
+
+
+def test_pruning_deletes_the_profiles_of_kernels_debian_no_longer_serves(tmp_path: Path) -> None:
+    names = ["linux-6.1.0-50-686-6.1.176-1.json.xz", "linux-6.1.0-57-686-6.1.192-3.json.xz"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "README.md").write_text("kept")
+    assert prune(tmp_path, {tmp_path / names[1]}) == [tmp_path / names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", names[1]]
+
+
+def test_every_lab_guest_has_its_kernel_refreshed() -> None:
+    from vmishell.lab.guests import GUESTS
+
+    covered = [g for k in lab_kernels() for g in k.guests]
+    assert sorted(covered) == sorted(GUESTS)
+    assert {k.meta for k in lab_kernels()} >= {"linux-image-amd64", "linux-image-686"}
