@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from vmishell.lab.dbgprofiles import DebugFiles
@@ -18,6 +19,8 @@ from vmishell.lab.refresh import (
     replace_section,
 )
 from vmishell.symbols.isf_build import write_isf
+from vmishell.symbols.locations import shipped_dir
+from vmishell.symbols.profile import load_profile
 
 PROSE = "# Shipped kernel profiles\n\nHand-written text.\n\n## The files\n\n"
 
@@ -84,3 +87,21 @@ def test_every_lab_guest_has_its_kernel_refreshed() -> None:
     covered = [g for k in lab_kernels() for g in k.guests]
     assert sorted(covered) == sorted(GUESTS)
     assert {k.meta for k in lab_kernels()} >= {"linux-image-amd64", "linux-image-686"}
+
+
+def test_profiles_holds_exactly_the_files_its_readme_lists_with_their_checksums() -> None:
+    """The shipped folder and its README were refreshed together by the tool."""
+    readme = (shipped_dir() / "README.md").read_text()
+    generated = readme[readme.index(BEGIN) : readme.index(END)]
+    assert re.search(r"Refreshed on \d{4}-\d{2}-\d{2}", generated)
+    listed = dict(re.findall(r"^\| `(linux-\S+\.json\.xz)` \| [^|]+ \| `([0-9a-f]{64})` \|",
+                             generated, re.M))  # fmt: skip
+    files = {p.name: p for p in shipped_dir().glob("*.json.xz")}
+    assert sorted(listed) == sorted(files)
+    for name, digest in listed.items():
+        assert hashlib.sha256(files[name].read_bytes()).hexdigest() == digest, name
+    for path in files.values():
+        made_from = load_profile(path).made_from
+        assert made_from is not None and f"`{made_from.split()[0]}` {made_from.split()[1]}" in (
+            generated
+        )
