@@ -38,8 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support.pagetables import PageTableBuilder
 from vmishell.arch import AddressSpace, Mapping, PagingMode, Translator, kernel_dtb
-from vmishell.arch.builder import PageTableBuilder
 from vmishell.sources.memory import BufferSource
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

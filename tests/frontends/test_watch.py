@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.support.pagetables import PageTableBuilder
 from vmishell.arch import AddressSpace, PagingMode, Translator
-from vmishell.arch.builder import PageTableBuilder
 from vmishell.errors import PageFault, SessionClosed, VmiError
 from vmishell.frontends.targets import NoTargetError, Targets, default_name
 from vmishell.frontends.watch import HISTORY_COLUMNS, Watcher, diff

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pagetables import RW, US, P, PageTableBuilder
 from vmishell.arch import PagingMode, Translator
-from vmishell.arch.builder import RW, US, P, PageTableBuilder
 from vmishell.errors import GuestDataError, ProfileError, SourceError
 from vmishell.limits import Limits
 from vmishell.sources import open_image

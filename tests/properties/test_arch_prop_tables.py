@@ -13,8 +13,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.pagetables import PageTableBuilder
 from vmishell.arch import AddressSpace, Mapping, PagingMode, Translator
-from vmishell.arch.builder import PageTableBuilder
 from vmishell.errors import PageFault
 from vmishell.sources.memory import BufferSource
 

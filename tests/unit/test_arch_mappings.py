@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from tests.support.pagetables import PS, RW, US, XD, P, PageTableBuilder
 from vmishell.arch import Mapping, PagingMode, Translator
-from vmishell.arch.builder import PS, RW, US, XD, P, PageTableBuilder
 from vmishell.errors import GuestDataError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.pagetables import PageTableBuilder
 from vmishell.arch import (
     PagingMode,
     Translator,
@@ -15,7 +16,6 @@ from vmishell.arch import (
     nxe_from_registers,
     pse_from_registers,
 )
-from vmishell.arch.builder import PageTableBuilder
 from vmishell.errors import TranslationError
 from vmishell.sources.base import Registers
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.pagetables import P, PageTableBuilder
 from vmishell.arch import AddressSpace, PagingMode, Translator
-from vmishell.arch.builder import P, PageTableBuilder
 from vmishell.errors import PageFault, PhysicalReadError, TranslationError
 
 MiB = 1 << 20

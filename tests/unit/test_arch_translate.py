@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.pagetables import PS, RW, US, XD, P, PageTableBuilder
 from vmishell.arch import EntryFlags, PagingMode, Translation, Translator, Walk
-from vmishell.arch.builder import PS, RW, US, XD, P, PageTableBuilder
 from vmishell.errors import PageFault, TranslationError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

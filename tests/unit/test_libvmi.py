@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pagetables import PageTableBuilder
 from vmishell.arch import PagingMode, Translator
-from vmishell.arch.builder import PageTableBuilder
 from vmishell.errors import PhysicalReadError, RegistersUnavailable, SourceError, TranslationError
 from vmishell.session import Session
 from vmishell.sources.base import PhysRange

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pagetables import PageTableBuilder
 from vmishell.arch import AddressSpace, PagingMode, Translator
-from vmishell.arch.builder import PageTableBuilder
 from vmishell.errors import SessionClosed, TargetEnded, VmiError
 from vmishell.sources.files import QemuRamSource, RawImageSource
 from vmishell.sources.vmwatch import ProcessWatch, QmpEvents, peer_pid

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from vmishell.arch import AddressSpace, Translator
+from vmishell.arch import AddressSpace, PagingMode, Translator
+from vmishell.arch.registers import PTI_USER_PGD_BIT
 from vmishell.errors import GuestDataError, VmiError
 from vmishell.limits import Limits, TextBudget
+from vmishell.os.linux.cpu import KernelCpu, kernel_cpu
 from vmishell.os.linux.kernel import KernelLocation, locate_kernel
 from vmishell.os.linux.layout import maple_layout, mm_layout, task_layout, vma_layout
 from vmishell.os.linux.reader import KernelReader, decode_guest_string
@@ -15,9 +17,9 @@ from vmishell.os.linux.vmas import Vma, VmaWalker
 from vmishell.sources.base import PhysicalSource
 from vmishell.symbols.profile import Profile
 
-#: x86_64 with page-table isolation keeps a process's user-mode PGD one page
-#: after its kernel PGD; mm->pgd always names the kernel one.
-_PTI_USER_PGD_BIT = 1 << 12
+#: Paging modes in which Linux allocates a process's top-level table as a PTI pair
+#: (x86_64, and i386 with PAE); legacy 2-level paging has no PTI.
+_PTI_MODES = (PagingMode.LEVEL4, PagingMode.LEVEL5, PagingMode.PAE)
 
 
 class LinuxGuest:
@@ -34,6 +36,8 @@ class LinuxGuest:
         self.profile = profile
         self.limits = limits or Limits()
         self.location = location or locate_kernel(source, profile, self.limits)
+        #: MAXPHYADDR and PTI as the kernel found them at boot (see `cpu`).
+        self.cpu: KernelCpu = kernel_cpu(source, profile, self.location)
         self.kernel_translator = self.translator(self.location.dtb)
         self.kernel_space = AddressSpace(self.kernel_translator)
         self.reader = KernelReader(self.kernel_space, profile.pointer_size)
@@ -74,21 +78,42 @@ class LinuxGuest:
         except VmiError as exc:
             raise GuestDataError(f"mm {mm:#x}: its pgd {pgd:#x} does not translate: {exc}") from exc
 
+    @property
+    def pti(self) -> bool:
+        """Whether processes run on PTI pairs of page tables (the kernel says so)."""
+        return bool(self.cpu.pti) and self.location.mode in _PTI_MODES
+
     def dtb_of(self, task: Task) -> int:
-        """A task's page-table base: its own mm's, or the kernel's for kernel threads.
+        """A task's page-table base as its CPU sees it in user mode.
 
         A kernel thread has no mm; its active_mm is whichever user mm it last
         borrowed, whose kernel half is the kernel's own, so the kernel's page
-        tables are the stable answer.
+        tables are the stable answer. With page-table isolation, mm->pgd is
+        the kernel's copy, in which every user page is NX (x86_64): the
+        process itself runs on the next page, whose rights are the user's
+        view, while the kernel half holds only the entry trampoline.
         """
         if not task.mm:
             return self.location.dtb
-        return self.pgd_physical(task.mm)
+        pgd = self.pgd_physical(task.mm)
+        if not self.pti:
+            return pgd
+        user = pgd | PTI_USER_PGD_BIT
+        if pgd & PTI_USER_PGD_BIT or not self.source.is_valid(user, 4096):
+            raise GuestDataError(
+                f"mm {task.mm:#x}: PTI is on but its pgd {pgd:#x} is not the first page "
+                "of a pair in RAM"
+            )
+        return user
 
     def translator(self, dtb: int) -> Translator:
-        """A translator for one address space, with the session's mapping-work cap."""
+        """A translator for one address space: the kernel's MAXPHYADDR, the session's caps."""
         return Translator(
-            self.source, dtb, self.location.mode, max_mapping_work=self.limits.max_mapping_work
+            self.source,
+            dtb,
+            self.location.mode,
+            maxphyaddr=self.cpu.maxphyaddr,
+            max_mapping_work=self.limits.max_mapping_work,
         )
 
     def address_space(self, dtb: int) -> AddressSpace:

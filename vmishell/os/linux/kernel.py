@@ -28,10 +28,13 @@ from vmishell.symbols.placement import (
     shifts_at,
 )
 from vmishell.symbols.placement import kernel_phys as _kernel_phys
+from vmishell.symbols.placement import link_base as _link_base
 from vmishell.symbols.profile import Profile
 
 __all__ = [
     "I386_PAGE_OFFSET",
+    "I386_PAGE_OFFSET_RANGE",
+    "I386_SEARCH_ORIGIN",
     "KASLR_ALIGN",
     "KERNEL_IMAGE_SIZE",
     "X86_64_KERNEL_MAP",
@@ -45,6 +48,12 @@ __all__ = [
     "shifts_at",
 ]
 
+#: Where the physical search for an i386 kernel starts counting. Only the grid matters
+#: (PAGE_OFFSET is a multiple of 2 MiB with every VMSPLIT choice); the kernel's real
+#: PAGE_OFFSET is read from the profile or the kernel's page tables (`_i386_page_offset`).
+I386_SEARCH_ORIGIN = I386_PAGE_OFFSET
+#: PAGE_OFFSET is at least 1 GiB (VMSPLIT_1G) and below the last 256 MiB (fixmap, vmalloc).
+I386_PAGE_OFFSET_RANGE = range(0x40000000, 0xF0000000, 0x400000)
 #: x86_64 randomizes the kernel image inside the 1 GiB after __START_KERNEL_map.
 KERNEL_IMAGE_SIZE = 1 << 30
 
@@ -60,6 +69,9 @@ class KernelLocation:
     virtual_shift: int
     banner_paddr: int
     registers: Registers | None
+    #: The virtual address link-time addresses count from: __START_KERNEL_map on
+    #: x86_64, the kernel's own PAGE_OFFSET on i386 (its image lies in the direct map).
+    link_base: int = X86_64_KERNEL_MAP
 
     def virtual(self, symbol_address: int) -> int:
         """Run-time virtual address of a symbol given at its link-time address."""
@@ -67,8 +79,12 @@ class KernelLocation:
 
     def physical(self, symbol_address: int) -> int:
         """Physical address of a kernel-image symbol given at its link-time address."""
-        base = X86_64_KERNEL_MAP if self.arch == "x86_64" else I386_PAGE_OFFSET
-        return symbol_address - base + self.physical_shift
+        return symbol_address - self.link_base + self.physical_shift
+
+    @property
+    def page_offset(self) -> int | None:
+        """i386 PAGE_OFFSET (virtual = physical + PAGE_OFFSET in lowmem); None on x86_64."""
+        return self.link_base if self.arch == "i386" else None
 
 
 def banner_candidates(source: PhysicalSource, hints: KernelHints, limits: Limits) -> list[int]:
@@ -115,12 +131,42 @@ def _dtb(profile: Profile, arch: str, shift: int) -> int:
 
 def _virtual_shift(translator: Translator, banner_link: int, banner_paddr: int) -> int | None:
     for shift in range(0, KERNEL_IMAGE_SIZE, KASLR_ALIGN):
-        try:
-            if translator.translate(banner_link + shift).paddr == banner_paddr:
-                return shift
-        except VmiError:
-            continue
+        if _maps(translator, banner_link + shift, banner_paddr):
+            return shift
     return None
+
+
+def _maps(translator: Translator, vaddr: int, paddr: int) -> bool:
+    try:
+        return translator.translate(vaddr).paddr == paddr
+    except VmiError:
+        return False
+
+
+def _i386_page_offset(
+    profile: Profile, translator: Translator, banner_paddr: int, init_task_paddr: int
+) -> int | None:
+    """The i386 kernel's PAGE_OFFSET, which its page tables confirm.
+
+    The profile tells it when it has `phys_startup_32`, the linker's absolute
+    `startup_32 - PAGE_OFFSET` (System.map has it; kallsyms leaves absolute
+    symbols out). Otherwise the kernel's own page tables tell it: lowmem,
+    the kernel image included, is mapped at physical + PAGE_OFFSET, so the
+    one candidate under which both linux_banner and init_task land where
+    they were found is it. A VMSPLIT choice or a custom CONFIG_PAGE_OFFSET
+    is read, never assumed.
+    """
+
+    def confirmed(offset: int) -> bool:
+        return _maps(translator, banner_paddr + offset, banner_paddr) and _maps(
+            translator, init_task_paddr + offset, init_task_paddr
+        )
+
+    if profile.has_symbol("phys_startup_32") and profile.has_symbol("startup_32"):
+        offset = profile.symbol_address("startup_32") - profile.symbol_address("phys_startup_32")
+        if offset in I386_PAGE_OFFSET_RANGE and confirmed(offset):
+            return offset
+    return next((o for o in I386_PAGE_OFFSET_RANGE if confirmed(o)), None)
 
 
 def locate_kernel(
@@ -158,19 +204,24 @@ def locate_kernel(
         dtb = _dtb(profile, arch, shift)
         banner_paddr = _kernel_phys(arch, banner_link, shift)
         translator = Translator(source, dtb, mode)
+        link_base = _link_base(arch)
         if arch == "x86_64":
             vshift = _virtual_shift(translator, banner_link, banner_paddr)
         else:
-            vshift = shift
-            try:
-                if translator.translate(banner_link + vshift).paddr != banner_paddr:
-                    vshift = None
-            except VmiError:
+            init_task_paddr = _kernel_phys(arch, hints.init_task, shift)
+            offset = _i386_page_offset(profile, translator, banner_paddr, init_task_paddr)
+            if offset is None:
                 vshift = None
+            else:
+                # i386 KASLR moves the image by one amount, physically and virtually.
+                link_base, shift = offset, banner_paddr - (banner_link - offset)
+                vshift = shift
         if vshift is None:
             problems.append(f"physical shift {shift:#x}: page table at {dtb:#x} does not map it")
             continue
-        location = KernelLocation(arch, mode, dtb, shift, vshift, banner_paddr, regs)
+        location = KernelLocation(
+            arch, mode, dtb, shift, vshift, banner_paddr, regs, link_base=link_base
+        )
         if accept is not None and not accept(location):
             problems.append(f"physical shift {shift:#x}: not the running kernel (old remains?)")
             continue

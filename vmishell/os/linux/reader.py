@@ -1,8 +1,8 @@
 """Typed reads of guest kernel memory: integers, pointers, C strings, list walks.
 
 Everything read here is untrusted. Readers raise vmishell errors only, and the
-list walker keeps a seen-set and a cap, so a cyclic or endless guest list ends
-in a clear GuestDataError instead of a hang.
+one list walker checks every prev link and keeps a seen-set and a cap, so a
+cyclic or endless guest list ends in a clear GuestDataError instead of a hang.
 """
 
 from __future__ import annotations
@@ -58,31 +58,14 @@ class KernelReader:
             pos += chunk
         return bytes(out)
 
-    def walk_list(
-        self, head: int, link_offset: int, cap: int, what: str, include_head: bool = False
-    ) -> Iterator[int]:
-        """Yield the address of each structure on a circular `list_head` list.
-
-        `head` is the address of the list_head that anchors the list and
-        `link_offset` the offset of the list_head inside each structure. Stops
-        at the head; raises GuestDataError on a cycle that misses the head, a
-        list longer than `cap`, or an unreadable link.
-        """
-        if include_head:
-            yield head - link_offset
-        for node, _ in self.walk_links(head, cap, what, check_prev=False):
-            yield node - link_offset
-
-    def walk_links(
-        self, head: int, cap: int, what: str, *, check_prev: bool = True
-    ) -> Iterator[tuple[int, str | None]]:
+    def walk_links(self, head: int, cap: int, what: str) -> Iterator[tuple[int, str | None]]:
         """Yield (list_head address, problem) for each node after `head`.
 
-        With `check_prev`, every node's `prev` must name the node it was
-        reached from, as the kernel's own CONFIG_DEBUG_LIST checks: a `next`
-        pointer redirected past a task (to hide it) or into unrelated memory
-        shows up as a problem on the node it leads to, which is still
-        yielded so the caller can list it as suspect. A cycle that misses
+        Every node's `prev` must name the node it was reached from, as the
+        kernel's own CONFIG_DEBUG_LIST checks: a `next` pointer redirected
+        past a task (to hide it) or into unrelated memory shows up as a
+        problem on the node it leads to, which is still yielded so the
+        caller can list it as suspect. A cycle that misses
         the head, a NULL or unreadable link and more than `cap` nodes end the
         walk with GuestDataError; the seen-set makes the walk's memory and
         time linear in the nodes actually present.
@@ -107,25 +90,24 @@ class KernelReader:
                 raise GuestDataError(f"{what}: more than {cap} entries (list at {head:#x})")
             seen.add(node)
             problem = None
-            if check_prev:
-                try:
-                    prev = self.pointer(node + self.pointer_size)
-                except VmiError as exc:
-                    problem = f"{what}: cannot read the prev link at {node:#x}: {exc}"
-                else:
-                    if prev != before:
-                        problem = (
-                            f"{what}: reached from {before:#x} but its prev link names "
-                            f"{prev:#x} (list tampered with, or changing: pause a live guest)"
-                        )
-                if problem and astray:
-                    # Two links in a row that do not point back: this is no longer the
-                    # list but whatever memory the bad link led to. Stop, do not list it.
-                    raise GuestDataError(
-                        f"{what}: links stop pointing back after {before:#x} "
-                        f"(entry {count}): the list leads into foreign memory"
+            try:
+                prev = self.pointer(node + self.pointer_size)
+            except VmiError as exc:
+                problem = f"{what}: cannot read the prev link at {node:#x}: {exc}"
+            else:
+                if prev != before:
+                    problem = (
+                        f"{what}: reached from {before:#x} but its prev link names "
+                        f"{prev:#x} (list tampered with, or changing: pause a live guest)"
                     )
-                astray = problem is not None
+            if problem and astray:
+                # Two links in a row that do not point back: this is no longer the
+                # list but whatever memory the bad link led to. Stop, do not list it.
+                raise GuestDataError(
+                    f"{what}: links stop pointing back after {before:#x} "
+                    f"(entry {count}): the list leads into foreign memory"
+                )
+            astray = problem is not None
             yield node, problem
             before = node
             try:

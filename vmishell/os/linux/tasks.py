@@ -22,30 +22,48 @@ PID_MAX_LIMIT = 4 * 1024 * 1024
 #: Characters of a kernel thread's full name that /proc/PID/comm shows.
 KTHREAD_NAME_MAX = 63
 
-_STATE_LETTERS = (
-    (0x0001, "S"),
-    (0x0002, "D"),
-    (0x0004, "T"),
-    (0x0008, "t"),
-    (0x0080, "X"),
-    (0x0200, "P"),
-)
+#: The kernel's task state bits (include/linux/sched.h, 6.1). Neither BTF nor DWARF
+#: carries these #defines, so no profile has them; the report bits have had these
+#: values since 4.14, and the later bits (RTLOCK_WAIT 5.15, FROZEN 6.1) were unused
+#: before they were given these meanings.
+TASK_INTERRUPTIBLE = 0x0001
+TASK_UNINTERRUPTIBLE = 0x0002
+TASK_STOPPED = 0x0004
+TASK_TRACED = 0x0008
+EXIT_DEAD = 0x0010
+EXIT_ZOMBIE = 0x0020
+TASK_PARKED = 0x0040
+TASK_DEAD = 0x0080
+TASK_WAKEKILL = 0x0100
+TASK_WAKING = 0x0200
+TASK_NOLOAD = 0x0400
+TASK_NEW = 0x0800
+TASK_RTLOCK_WAIT = 0x1000
+TASK_FREEZABLE = 0x2000
+TASK_FROZEN = 0x8000
+TASK_IDLE = TASK_UNINTERRUPTIBLE | TASK_NOLOAD
+#: The states /proc reports; TASK_REPORT_IDLE is the one past them ("I").
+TASK_REPORT = 0x7F
+TASK_REPORT_IDLE = TASK_REPORT + 1
+#: task_index_to_char(): one letter per fls() of a reported state.
+STATE_CHARS = "RSDTtXZPI"
 
 
 def state_letter(state: int, exit_state: int) -> str:
-    """The `ps` letter of a task's state (`I` for idle kernel threads)."""
-    if exit_state & 0x0020:
-        return "Z"
-    if exit_state & 0x0010:
-        return "X"
-    if state == 0:
-        return "R"
-    if state & 0x0402 == 0x0402:
-        return "I"
-    for bit, letter in _STATE_LETTERS:
-        if state & bit:
-            return letter
-    return "?"
+    """The letter /proc/PID/stat and `ps` show, as `__task_state_index()` computes it.
+
+    `state` is `__state` (or the older `state`), `exit_state` the exit bits.
+    Bits outside TASK_REPORT (WAKEKILL, WAKING, NOLOAD, FREEZABLE...) are not
+    states of their own: TASK_KILLABLE reads "D", a waking task "R". An idle
+    kernel thread (TASK_UNINTERRUPTIBLE|TASK_NOLOAD) reads "I"; an rtlock
+    waiter and a frozen task read "D" (6.1 stable, as 6.13).
+    """
+    index = (state | exit_state) & TASK_REPORT
+    if state & TASK_IDLE == TASK_IDLE:
+        index = TASK_REPORT_IDLE
+    if state & (TASK_RTLOCK_WAIT | TASK_FROZEN):
+        index = TASK_UNINTERRUPTIBLE
+    return STATE_CHARS[index.bit_length()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +83,9 @@ class Task:
     mm: int
     active_mm: int
     error: str | None = None
+    #: Nanoseconds since boot, suspend included: /proc/PID/stat's start time
+    #: (field 22, in clock ticks) is this divided by 10**7 with USER_HZ 100.
+    start_boottime: int = 0
 
     @property
     def is_thread_group_leader(self) -> bool:
@@ -86,7 +107,8 @@ class TaskWalker:
         t = self.t
         offsets = [t.tasks, t.pid, t.tgid, t.comm + t.comm_size, t.mm, t.active_mm]
         offsets += [t.real_parent, t.flags]
-        offsets += [o for o in (t.state, t.exit_state, t.real_cred, t.cred, t.start_time) if o]
+        optional = (t.state, t.exit_state, t.real_cred, t.cred, t.start_time, t.start_boottime)
+        offsets += [o for o in optional if o]
         offsets += [o for o in (t.worker_private,) if o]
         return max(offsets) + 16
 
@@ -118,6 +140,7 @@ class TaskWalker:
         active_mm = ptr(raw, t.active_mm)[0]
         state = state_letter(u(t.state, 4), u(t.exit_state, 4))
         start = u(t.start_time, 8)
+        boot_start = u(t.start_boottime, 8)
         errors = []
         try:
             parent = ptr(raw, t.real_parent)[0]
@@ -148,6 +171,7 @@ class TaskWalker:
             mm=mm,
             active_mm=active_mm,
             error="; ".join(errors) or None,
+            start_boottime=boot_start,
         )
 
     def _kthread_full_name(self, raw: bytes) -> bytes | None:
@@ -167,13 +191,6 @@ class TaskWalker:
         except VmiError:
             return None
 
-    def leaders(self, init_task: int) -> Iterator[int]:
-        """Addresses of every thread-group leader, init_task (pid 0) first."""
-        yield init_task
-        yield from self.reader.walk_list(
-            init_task + self.t.tasks, self.t.tasks, self.limits.max_tasks, "init_task.tasks"
-        )
-
     def _thread_links(self, leader: int) -> Iterator[tuple[int, str | None]]:
         """(address, link problem) of a leader's other threads."""
         t = self.t
@@ -190,11 +207,6 @@ class TaskWalker:
         for node, problem in self.reader.walk_links(signal + t.signal_thread_head, cap, what):
             if node - t.thread_node != leader:
                 yield node - t.thread_node, problem
-
-    def threads(self, leader: int) -> Iterator[int]:
-        """Addresses of a leader's other threads."""
-        for address, _ in self._thread_links(leader):
-            yield address
 
     def all_tasks(self, init_task: int) -> list[Task]:
         """Every task, each leader followed by its threads.

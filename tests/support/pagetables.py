@@ -1,14 +1,16 @@
-"""Page tables laid out in a bytearray: for tests, benchmarks and teaching.
+"""Page tables laid out in a bytearray: for tests and the synthetic benchmark.
 
 Writing tables by hand for each paging mode is error-prone, and both the
-test suites and the synthetic benchmark need them; this builder uses the
-same mode data as the walker (`PagingMode.spec`) but none of its code, so a
-test built with it still checks the walker against an independent layout.
+test suites and benchmarks/bench_translate.py need them; this builder uses
+the same mode data as the walker (`PagingMode.spec`) but none of its code,
+so a test built with it still checks the walker against an independent
+layout. It is test support, not part of the installed package.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from vmishell.arch.modes import Level, PagingMode
@@ -38,18 +40,33 @@ class PageTableBuilder:
         *,
         table_start: int = 0x1000,
         pdpt_offset: int = 0,
+        ram: bytearray | None = None,
+        allocate: Callable[[], int] | None = None,
+        top: int | None = None,
     ) -> None:
+        """`ram` and `allocate` let several address spaces share one RAM and one
+        table allocator (a kernel and its processes); `top` puts the top-level
+        table at a given physical address (where a kernel symbol says it is).
+        """
         self.mode = mode
         self.spec = mode.spec
-        self.ram = bytearray(ram_size)
+        self.ram = bytearray(ram_size) if ram is None else ram
         self._next = table_start
+        self._allocate = allocate
         self._fmt = "<I" if self.spec.entry_size == 4 else "<Q"
-        top = self.new_table()
+        if top is None:
+            top = self.new_table()
+        else:
+            self.ram[top : top + 0x1000] = bytes(0x1000)
         self.dtb = top + (pdpt_offset if mode is PagingMode.PAE else 0)
 
     # -- raw access -------------------------------------------------------------------------
     def new_table(self) -> int:
         """A zeroed 4 KiB-aligned table frame (physical address)."""
+        if self._allocate is not None:
+            addr = self._allocate()
+            self.ram[addr : addr + 0x1000] = bytes(0x1000)
+            return addr
         addr = self._next
         if addr + 0x1000 > len(self.ram):
             raise TranslationError("page-table builder ran out of RAM for tables")
