@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
-    "lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, libvmi-file:DUMP or an image path"
+    "lab:NAME, qmp:SOCKET, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, libvmi-file:DUMP "
+    "or an image path"
 )
 
 PROCESS_COLUMNS = [
@@ -281,10 +282,16 @@ class Session:
         limits: Limits | None = None,
         writable: bool = False,
     ) -> Session:
-        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
+        """Attach by one string: `lab:NAME`, `qmp:SOCKET` (any running QEMU),
+        `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
         `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), an image path, or a bare
         lab instance name. Schemes of other packages come from `vmishell.schemes`."""
         text = os.fspath(target)
+        if text.startswith("qmp:"):
+            from vmishell.sources.qemuproc import open_qmp
+
+            source = open_qmp(text[4:], writable=writable)
+            return cls(source, profile, limits=limits, name=text)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
             return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
@@ -307,7 +314,7 @@ class Session:
                 raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
         if colon and scheme.isidentifier():
-            kinds = ", ".join(["qemu", "xen", "kvm", "libvmi-file", *schemes.known()])
+            kinds = ", ".join(["qemu", "qmp", "xen", "kvm", "libvmi-file", *schemes.known()])
             raise SourceError(f"{text!r}: no target kind {scheme!r} and no such file ({kinds})")
         open_lab = schemes.opener("lab")
         if open_lab is not None:

@@ -45,12 +45,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=_progress,
         reboot=args.reboot,
+        plain=args.plain,
     )
     for note in guest.notes:
         print(f"note: {note}", file=sys.stderr)
     print(
         f"{guest.name}: {guest.guest.name} ready in {guest.boot_seconds} s  pid {guest.pid}\n"
-        f"  ram    {guest.ram_path} ({guest.ram_size >> 20} MiB)\n"
+        f"  ram    {guest.ram_path or 'in the QEMU process (plain)'} "
+        f"({guest.ram_size >> 20} MiB)\n"
         f"  qmp    {guest.qmp_path}\n"
         f"  serial {guest.serial_log}"
     )
@@ -143,6 +145,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reboot",
         action="store_true",
         help="a reset or reboot of the guest boots it again (default: it ends QEMU)",
+    )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="no shared RAM file: RAM stays in QEMU's process, as in VMs started by others "
+        "(attach with lab:NAME or qmp:SOCKET)",
     )
     p.set_defaults(func=_cmd_up)
 

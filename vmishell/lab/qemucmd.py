@@ -14,6 +14,9 @@ Choices that matter for introspection:
   ground truth channel, and nobody needs to be connected for it to be written;
 * `-device vmcoreinfo` lets dumps carry the kernel's VMCOREINFO note;
 * no KVM unless asked: TCG behaves the same on every machine.
+
+A `plain` guest leaves RAM in QEMU's own anonymous memory, as a VM started by
+someone else has it: vmishell then reads it through `qmp:` (QEMU's process).
 """
 
 from __future__ import annotations
@@ -90,22 +93,26 @@ def qemu_command(
     name: str = "",
     extra_kernel_args: tuple[str, ...] = (),
     reboot: bool = False,
+    plain: bool = False,
 ) -> list[str]:
     """argv for a daemonized QEMU running `spec` with the given files.
 
     With `reboot`, a guest reset (or reboot, or panic) boots the guest again in
-    the same QEMU, as a real machine would; otherwise it ends QEMU.
+    the same QEMU, as a real machine would; otherwise it ends QEMU. With
+    `plain`, guest RAM is QEMU's default (private, anonymous): no RAM file.
     """
-    machine = f"{spec.machine},memory-backend=mem"
-    cmd = [
-        qemu,
-        "-name", name or spec.name,
-        "-machine", machine,
-        "-accel", accel,
-        "-m", f"{memory_mb}M",
-        "-object",
-        f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={_opt(files.ram_path)},share=on",
-    ]  # fmt: skip
+    cmd = [qemu, "-name", name or spec.name]
+    if plain:
+        cmd += ["-machine", spec.machine, "-accel", accel, "-m", f"{memory_mb}M"]
+    else:
+        cmd += [
+            "-machine", f"{spec.machine},memory-backend=mem",
+            "-accel", accel,
+            "-m", f"{memory_mb}M",
+            "-object",
+            f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={_opt(files.ram_path)},"
+            "share=on",
+        ]  # fmt: skip
     if spec.cpu:
         cmd += ["-cpu", spec.cpu]
     cmd += ["-display", "none", "-nodefaults"]

@@ -41,6 +41,8 @@ MIB = 1 << 20
 #: Below 2 GiB, x86 `pc`/`q35` map all RAM at physical 0..size, so that the RAM
 #: file offset is the physical address; above it RAM is split around the PCI hole.
 MAX_MEMORY_MB = 2047
+#: A plain guest (no RAM file) is read through QEMU's process, which knows its layout.
+MAX_PLAIN_MEMORY_MB = 8192
 MIN_MEMORY_MB = 64
 TAIL_LINES = 20
 
@@ -52,7 +54,8 @@ class RunningGuest:
     name: str
     guest: GuestSpec
     run_dir: Path
-    ram_path: Path
+    #: The shared RAM file (None for a plain guest, whose RAM lives in QEMU's process).
+    ram_path: Path | None
     ram_size: int
     qmp_path: Path
     serial_log: Path
@@ -66,6 +69,11 @@ class RunningGuest:
     boot_seconds: float | None = None
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
     notes: tuple[str, ...] = ()
+
+    @property
+    def plain(self) -> bool:
+        """Started without a RAM file (`up(plain=True)`): attach through `qmp:`."""
+        return self.ram_path is None
 
     def truth(self) -> GroundTruth:
         """The ground truth the guest printed when it booted."""
@@ -182,7 +190,7 @@ def _guest_from_record(record: dict[str, Any], files: LaunchFiles) -> RunningGue
         name=record["name"],
         guest=get_guest(record["guest"]),
         run_dir=files.run_dir,
-        ram_path=Path(record["ram_path"]),
+        ram_path=Path(record["ram_path"]) if record.get("ram_path") else None,
         ram_size=int(record["ram_size"]),
         qmp_path=Path(record["qmp_path"]),
         serial_log=Path(record["serial_log"]),
@@ -213,6 +221,7 @@ def up(
     extra_kernel_args: tuple[str, ...] = (),
     built: BuiltGuest | None = None,
     reboot: bool = False,
+    plain: bool = False,
 ) -> RunningGuest:
     """Boot `guest` as instance `name` (default: the guest's name) and wait until ready.
 
@@ -220,13 +229,17 @@ def up(
     started in the background by /init before the ground truth is printed.
     `built` overrides the image (tests use it to boot deliberately broken ones).
     With `reboot`, a reset or reboot of the guest boots it again in the same
-    QEMU (the serial log then holds one ground truth per boot).
+    QEMU (the serial log then holds one ground truth per boot). With `plain`,
+    QEMU keeps guest RAM in its own memory (no shared RAM file), as VMs that
+    were not started for introspection do; up to MAX_PLAIN_MEMORY_MB, RAM
+    above 4 GiB included.
     """
     spec = get_guest(guest)
     check_accel(accel)
     name = instances.check_name(name or spec.name)
-    if not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB:
-        raise LabError(f"memory must be {MIN_MEMORY_MB}..{MAX_MEMORY_MB} MiB, not {memory_mb}")
+    most = MAX_PLAIN_MEMORY_MB if plain else MAX_MEMORY_MB
+    if not MIN_MEMORY_MB <= memory_mb <= most:
+        raise LabError(f"memory must be {MIN_MEMORY_MB}..{most} MiB, not {memory_mb}")
     qemu = _qemu_binary(spec)
     scenario = None
     if init_script is not None:
@@ -258,13 +271,15 @@ def up(
             name=name,
             extra_kernel_args=extra_kernel_args,
             reboot=reboot,
+            plain=plain,
         )
         record: dict[str, Any] = {
             "name": name,
             "guest": spec.name,
             "image": spec.image_name,
             "run_dir": str(files.run_dir),
-            "ram_path": str(files.ram_path),
+            "ram_path": None if plain else str(files.ram_path),
+            "plain": plain,
             "ram_size": memory_mb * MIB,
             "memory_mb": memory_mb,
             "phys_offset": spec.phys_offset,
@@ -456,6 +471,9 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
     guest = attach(name)
     target = Path(path).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "raw" and guest.ram_path is None:
+        _dump_process_ram(guest, target)
+        return target
     with guest.qmp(timeout=timeout) as q:
         if fmt == "raw":
             was_running = q.running()
@@ -474,3 +492,24 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
             if result.get("status") != "completed":
                 raise LabError(f"dump of {name!r} to {target} did not complete: {result}")
     return target
+
+
+def _dump_process_ram(guest: RunningGuest, target: Path) -> None:
+    """A raw dump of a plain guest: its RAM read from QEMU's process while paused.
+
+    File offset = physical address (RAM above 4 GiB lands past a sparse hole).
+    """
+    from vmishell.errors import VmiError
+    from vmishell.sources.qemuproc import open_qmp
+
+    chunk = 16 * MIB
+    try:
+        src = open_qmp(guest.qmp_path, pid=guest.pid)
+        with src, src.paused(), target.open("wb") as out:
+            for r in src.ranges():
+                for pos in range(r.start, r.end, chunk):
+                    out.seek(pos)
+                    out.write(src.read(pos, min(chunk, r.end - pos)))
+            out.truncate(src.size)
+    except (VmiError, OSError) as exc:
+        raise LabError(f"raw dump of {guest.name!r} to {target} failed: {exc}") from exc

@@ -11,6 +11,14 @@ from vmishell.session import Session
 def open_lab(name: str, **options: Any) -> Session:
     """A Session on the running lab instance `name`, told its QEMU pid and event socket."""
     guest = attach(name)
+    if guest.ram_path is None:  # `lab up --plain`: RAM in QEMU's own process
+        from vmishell.sources.qemuproc import open_qmp
+
+        writable = bool(options.pop("writable", False))
+        source = open_qmp(
+            guest.qmp_path, pid=guest.pid, events_path=guest.events_path, writable=writable
+        )
+        return Session(source, name=f"lab:{name}", **options)
     return Session.qemu(
         guest.ram_path,
         guest.qmp_path,

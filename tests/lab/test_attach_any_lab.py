@@ -1,0 +1,190 @@
+"""Attach to VMs nobody started for introspection: any QEMU by its QMP socket.
+
+One plain guest of its own (`lab up --plain`: guest RAM in QEMU's anonymous
+memory, no RAM file, 3 GiB so that RAM also lies above 4 GiB) serves every
+test here. Each target must give the guest's own process list, the marker
+process's maps and the marker's bytes, as the guest printed them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import lab_unavailable
+from vmishell.errors import SourceError, TargetEnded, VmiError
+from vmishell.lab import runner
+from vmishell.lab.truth import GroundTruth
+from vmishell.lab.workload import MARKER, layout
+from vmishell.session import Session
+from vmishell.sources.files import QemuRamSource
+from vmishell.sources.qemuproc import QemuProcessSource, open_qmp
+from vmishell.sources.qmp import QmpClient
+from vmishell.sources.vmwatch import ProcessWatch
+
+pytestmark = pytest.mark.lab
+
+GIB = 1 << 30
+PLAIN_MEMORY_MB = 3072
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[runner.RunningGuest]:
+    name = f"t-{os.getpid()}-plain"
+    try:
+        guest = runner.up("x86_64", name, plain=True, memory_mb=PLAIN_MEMORY_MB, timeout=240)
+    except VmiError as exc:
+        lab_unavailable(f"x86_64 --plain: {exc}")
+        raise AssertionError("unreachable") from exc
+    yield guest
+    runner.down(name)
+
+
+def assert_is_the_guest(s: Session, truth: GroundTruth) -> None:
+    """Processes, the marker's maps and its bytes equal what the guest said of itself."""
+    df = s.processes()
+    assert df.error.isna().all(), df[df.error.notna()]
+    ours = {row.pid: row for row in df.itertuples()}
+    for task in truth.processes:
+        if task.comm.startswith("kworker/") and task.pid not in ours:
+            continue  # idle kworkers come and go
+        row = ours[task.pid]
+        assert (row.tgid, row.ppid, row.uid, row.kernel_thread) == (
+            task.tgid,
+            task.ppid,
+            task.uid,
+            task.kernel_thread,
+        ), task
+        assert task.comm.startswith(row.comm) if task.kernel_thread else row.comm == task.comm
+    extra = df[~df.pid.isin({t.pid for t in truth.processes}) & (df.pid != 0)]
+    assert all(c.startswith("kworker/") for c in extra.comm), extra
+    marker = s.process(truth.marker_pid)
+    ours_maps = [
+        (v.start, v.end, v.perms, v.offset, v.device, v.inode, v.path) for v in marker.vmas()
+    ]
+    theirs = [(m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path) for m in truth.maps]
+    assert ours_maps == theirs
+    assert marker.translate(truth.marker_va).paddr == truth.marker_paddr
+    assert marker.read(truth.marker_va, len(MARKER)) == MARKER
+
+
+# -- qmp: ---------------------------------------------------------------------------------
+
+
+def test_qmp_attaches_to_a_plain_qemu_and_sees_the_guest_as_it_sees_itself(plain) -> None:
+    with Session.attach(f"qmp:{plain.qmp_path}") as s:
+        assert isinstance(s.source, QemuProcessSource)
+        assert s.source.pid == plain.pid
+        assert s.live and s.name == f"qmp:{plain.qmp_path}"
+        assert_is_the_guest(s, plain.truth())
+
+
+def test_ram_above_4_gib_is_found_and_reads_what_qemu_itself_reads(plain, tmp_path) -> None:
+    truth = plain.truth()
+    with open_qmp(plain.qmp_path) as src:
+        starts = [(r.start, r.end) for r in src.ranges()]
+        assert starts[-1] == (4 * GIB, 4 * GIB + (PLAIN_MEMORY_MB << 20) - 2 * GIB)
+        for first, last in truth.system_ram:  # all RAM the guest knows is RAM to us too
+            assert src.is_valid(first, last + 1 - first), hex(first)
+        with src.paused():
+            for paddr in (4 * GIB + 0x12345000, truth.marker_paddr, 0x100000):
+                pmem = tmp_path / f"{paddr:x}.bin"
+                with QmpClient(plain.qmp_path) as q:
+                    q.command("pmemsave", val=paddr, size=1 << 16, filename=str(pmem))
+                assert src.read(paddr, 1 << 16) == pmem.read_bytes(), hex(paddr)
+
+
+def test_pausing_through_qmp_holds_the_counter_still(plain) -> None:
+    lay = layout(plain.guest.arch)
+    with Session.attach(f"qmp:{plain.qmp_path}") as s:
+        proc = s.process(plain.truth().marker_pid)
+        with s.paused():
+            first = proc.read(lay.counter_va, 8)
+            time.sleep(1.0)
+            assert proc.read(lay.counter_va, 8) == first
+        deadline = time.monotonic() + 10
+        while proc.read(lay.counter_va, 8) == first:
+            assert time.monotonic() < deadline, "the counter did not move after the resume"
+            time.sleep(0.1)
+        assert s.source.registers().cr3 is not None
+
+
+def test_the_lab_attaches_to_its_plain_guests_through_the_process_too(plain) -> None:
+    with Session.attach(f"lab:{plain.name}") as s:
+        assert isinstance(s.source, QemuProcessSource)
+        assert s.source.resets == 0  # it listens on the guest's event socket
+        assert_is_the_guest(s, plain.truth())
+
+
+def test_vmishell_ps_takes_a_qmp_socket(plain) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vmishell.cli", "ps", f"qmp:{plain.qmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "vmi-marker" in out.stdout and "/bin/vmi-marker" in out.stdout
+
+
+def test_qmp_picks_the_shared_ram_file_when_qemu_has_one(x86_64_guest) -> None:
+    with Session.attach(f"qmp:{x86_64_guest.qmp_path}") as s:
+        assert isinstance(s.source, QemuRamSource)
+        assert s.source.path == x86_64_guest.ram_path
+        assert s.source.pid == x86_64_guest.pid
+        assert_is_the_guest(s, x86_64_guest.truth())
+
+
+def test_a_socket_that_is_not_qmp_gives_one_clear_error(plain) -> None:
+    serial = plain.run_dir / "serial.sock"
+    with pytest.raises(SourceError, match="QMP greeting"):
+        Session.attach(f"qmp:{serial}")
+    with pytest.raises(SourceError, match="no such QMP socket"):
+        Session.attach(f"qmp:{plain.run_dir / 'absent.sock'}")
+
+
+@pytest.fixture
+def bare_qemu(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A QEMU with no guest at all (stopped before its first instruction): cheap to kill."""
+    qmp = tmp_path / "qmp.sock"
+    pidfile = tmp_path / "qemu.pid"
+    try:
+        subprocess.run(
+            ["qemu-system-x86_64", "-M", "q35", "-m", "64M", "-S", "-display", "none",
+             "-nodefaults", "-daemonize", "-pidfile", str(pidfile),
+             "-qmp", f"unix:{qmp},server=on,wait=off"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        lab_unavailable(f"qemu-system-x86_64 -S: {exc}")
+    pid = int(pidfile.read_text())
+    yield pid, qmp
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_qemu_that_exits_ends_the_source_with_one_clear_error(bare_qemu) -> None:
+    pid, qmp = bare_qemu
+    src = open_qmp(qmp)
+    assert isinstance(src, QemuProcessSource)
+    assert src.read(0x1000, 16) == bytes(16)
+    os.kill(pid, signal.SIGKILL)
+    watch = ProcessWatch(pid)
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.close()
+    with pytest.raises(TargetEnded, match=f"pid {pid}"):
+        src.read(0x1000, 1 << 20)
+    assert src.state == "ended"
+    src.close()
