@@ -26,7 +26,7 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ from vmishell.os.linux.kernel import KernelLocation, locate_kernel
 from vmishell.os.linux.liveness import KernelPulse, runs_on_cpu, ticks
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
+from vmishell.os.linux.vmcoreinfo import locate_by_vmcoreinfo, vmcoreinfo_of
 from vmishell.sources import open_image
 from vmishell.sources.base import PhysicalSource, Registers
 from vmishell.symbols.finder import find_profile
@@ -205,6 +206,8 @@ class Session:
         self._pinned = 0
         self._resets = source.resets
         self._reboot_pending: str | None = None
+        #: How the kernel was found: "VMCOREINFO" (the kernel's own note, checked) or "banner".
+        self.found_by = "banner"
         try:
             if profile is None:
                 profile = find_profile(source, limits=self.limits)
@@ -343,6 +346,10 @@ class Session:
         except VmiError:
             regs = None
         accept = runs_on_cpu(source, self.profile, regs) if regs is not None else None
+        found = self._locate_by_vmcoreinfo(regs, accept)
+        if found is not None:
+            return found
+        self.found_by = "banner"
         if accept is None and after_reset:
             accept = ticks(source, self.profile)
         try:
@@ -352,6 +359,28 @@ class Session:
                 raise
         # No candidate is mapped by this CR3 (a vCPU caught in firmware, say): take the first.
         return locate_kernel(source, self.profile, self.limits, regs=regs)
+
+    def _locate_by_vmcoreinfo(
+        self, regs: Registers | None, accept: Callable[[KernelLocation], bool] | None
+    ) -> KernelLocation | None:
+        """The kernel where its VMCOREINFO note says, if the source has one and it checks out.
+
+        A note that disagrees with memory is reported in `events` and the banner
+        search decides.
+        """
+        info = vmcoreinfo_of(self.source)
+        if info is None:
+            return None
+        try:
+            location = locate_by_vmcoreinfo(self.source, self.profile, info, regs)
+        except VmiError as exc:
+            self.events.append(f"VMCOREINFO not used: {exc}")
+            return None
+        if accept is not None and not accept(location):
+            self.events.append("VMCOREINFO not used: its kernel is not the one the vCPU runs")
+            return None
+        self.found_by = "VMCOREINFO"
+        return location
 
     def _new_pulse(self) -> KernelPulse | None:
         """Watch the kernel's ticks when the source cannot report resets itself."""

@@ -1,9 +1,10 @@
-"""Attach to VMs nobody started for introspection: any QEMU by its QMP socket.
+"""Attach to VMs nobody started for introspection, and to the dumps their tools write.
 
-One plain guest of its own (`lab up --plain`: guest RAM in QEMU's anonymous
-memory, no RAM file, 3 GiB so that RAM also lies above 4 GiB) serves every
-test here. Each target must give the guest's own process list, the marker
-process's maps and the marker's bytes, as the guest printed them.
+One plain guest of its own (`lab up --plain --vmcoreinfo`: guest RAM in QEMU's
+anonymous memory, no RAM file, 3 GiB so that RAM also lies above 4 GiB, and
+the qemu_fw_cfg module loaded so that dumps carry VMCOREINFO) serves the
+`qmp:` and dump tests. Each target must give the guest's own process list,
+the marker process's maps and the marker's bytes, as the guest printed them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -20,12 +22,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import lab_unavailable
+from tests.unit.test_kdump import _compress
 from vmishell.errors import SourceError, TargetEnded, VmiError
 from vmishell.lab import runner
 from vmishell.lab.truth import GroundTruth
 from vmishell.lab.workload import MARKER, layout
 from vmishell.session import Session
 from vmishell.sources.files import QemuRamSource
+from vmishell.sources.kdump import KdumpSource, _decode
 from vmishell.sources.qemuproc import QemuProcessSource, open_qmp
 from vmishell.sources.qmp import QmpClient
 from vmishell.sources.vmwatch import ProcessWatch
@@ -40,7 +44,9 @@ PLAIN_MEMORY_MB = 3072
 def plain() -> Iterator[runner.RunningGuest]:
     name = f"t-{os.getpid()}-plain"
     try:
-        guest = runner.up("x86_64", name, plain=True, memory_mb=PLAIN_MEMORY_MB, timeout=240)
+        guest = runner.up(
+            "x86_64", name, plain=True, vmcoreinfo=True, memory_mb=PLAIN_MEMORY_MB, timeout=240
+        )
     except VmiError as exc:
         lab_unavailable(f"x86_64 --plain: {exc}")
         raise AssertionError("unreachable") from exc
@@ -188,3 +194,89 @@ def test_a_qemu_that_exits_ends_the_source_with_one_clear_error(bare_qemu) -> No
         src.read(0x1000, 1 << 20)
     assert src.state == "ended"
     src.close()
+
+
+# -- dumps: QEMU ELF with VMCOREINFO, kdump-compressed ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_dumps(plain, tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """An ELF and a kdump-zlib dump of the plain guest (QEMU's own writers), made once."""
+    where = tmp_path_factory.mktemp("plain-dumps")
+    dumps = {fmt: plain.dump(where / f"guest.{fmt}", fmt) for fmt in ("elf", "kdump-zlib")}
+    yield dumps
+    for path in dumps.values():
+        path.unlink(missing_ok=True)
+
+
+def transcode(path: Path, codec: str, out: Path) -> Path:
+    """The same kdump with its pages stored with another codec (plain, not flattened).
+
+    Debian 12's QEMU writes kdump-zlib only; the other codecs makedumpfile and
+    newer QEMUs write are checked on the very same guest pages this way.
+    """
+    with KdumpSource(path) as k:
+        bs, total = k.block_size, k._groups[-1]
+        head = bytearray(k._file.pread(0, k._desc_at, "headers"))
+        head[0:8] = b"KDUMP   "
+        descs = k._file.pread(k._desc_at, total * 24, "descriptors")
+        data_at = k._desc_at + total * 24
+        out_descs, data = bytearray(), bytearray()
+        stored_at: dict[int, tuple[int, int, int]] = {}  # QEMU shares one zero page
+        for i in range(total):
+            offset, size, flags, page_flags = struct.unpack_from("<qIIQ", descs, i * 24)
+            if offset not in stored_at:
+                page = _decode(k._file.pread(offset, size, "page"), flags, bs)
+                blob, new_flags = _compress(codec, page)
+                if len(blob) >= bs:
+                    blob, new_flags = page, 0
+                stored_at[offset] = (data_at + len(data), len(blob), new_flags)
+                data += blob
+            new_offset, new_size, new_flags = stored_at[offset]
+            out_descs += struct.pack("<qIIQ", new_offset, new_size, new_flags, page_flags)
+    out.write_bytes(bytes(head + out_descs + data))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["elf", "kdump-zlib", "kdump-lzo", "kdump-snappy", "kdump-zstd"])
+def test_dumps_are_the_guest_and_place_its_kernel_by_vmcoreinfo(
+    plain, plain_dumps, kind, tmp_path
+) -> None:
+    if kind in plain_dumps:
+        path = plain_dumps[kind]
+    else:
+        path = transcode(plain_dumps["kdump-zlib"], kind[6:], tmp_path / f"guest.{kind}")
+    with Session.image(path) as s:
+        assert s.found_by == "VMCOREINFO", s.events
+        assert s.events == []
+        truth = plain.truth()
+        assert s.symbol("_text") == truth.symbols["_text"]
+        assert_is_the_guest(s, truth)
+        regs = s.source.registers()
+        assert regs.arch == "x86_64" and regs.cr3 is not None
+
+
+def test_a_vmcoreinfo_that_lies_is_caught_and_the_banner_search_decides(
+    plain, plain_dumps, tmp_path
+) -> None:
+    path = plain_dumps["kdump-zlib"]
+    with KdumpSource(path) as k:
+        text = k.vmcoreinfo
+    assert text is not None
+    line = next(x for x in text.splitlines() if x.startswith("KERNELOFFSET="))
+    wrong = f"KERNELOFFSET={int(line.split('=')[1], 16) + 0x200000:x}"
+    assert len(wrong) == len(line)
+    forged = tmp_path / "forged.kdump"
+    forged.write_bytes(path.read_bytes().replace(line.encode(), wrong.encode()))
+    with Session.image(forged) as s:
+        assert s.found_by == "banner"
+        assert any("VMCOREINFO not used" in e for e in s.events), s.events
+        assert_is_the_guest(s, plain.truth())
+
+
+def test_a_truncated_kdump_gives_one_clear_error(plain_dumps, tmp_path) -> None:
+    cut = tmp_path / "cut.kdump"
+    data = plain_dumps["kdump-zlib"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"runs past the end of the file|without its end record"):
+        Session.image(cut)

@@ -46,6 +46,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         progress=_progress,
         reboot=args.reboot,
         plain=args.plain,
+        vmcoreinfo=args.vmcoreinfo,
     )
     for note in guest.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -151,6 +152,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no shared RAM file: RAM stays in QEMU's process, as in VMs started by others "
         "(attach with lab:NAME or qmp:SOCKET)",
+    )
+    p.add_argument(
+        "--vmcoreinfo",
+        action="store_true",
+        help="load the kernel's qemu_fw_cfg module so that dumps carry the VMCOREINFO note",
     )
     p.set_defaults(func=_cmd_up)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from vmishell.errors import LabError, MissingToolError, NoSuchInstance, QmpError
-from vmishell.lab import instances
+from vmishell.lab import deb, instances
 from vmishell.lab.build import BuiltGuest, build_guest
 from vmishell.lab.guests import DEFAULT_MEMORY_MB, GuestSpec, check_accel, get_guest
-from vmishell.lab.initramfs import scenario_archive
+from vmishell.lab.initramfs import Cpio, compress, scenario_archive
 from vmishell.lab.paths import run_root
 from vmishell.lab.qemucmd import LaunchFiles, qemu_command
 from vmishell.lab.truth import GroundTruth, is_ready, read_truth
@@ -222,6 +223,7 @@ def up(
     built: BuiltGuest | None = None,
     reboot: bool = False,
     plain: bool = False,
+    vmcoreinfo: bool = False,
 ) -> RunningGuest:
     """Boot `guest` as instance `name` (default: the guest's name) and wait until ready.
 
@@ -232,7 +234,9 @@ def up(
     QEMU (the serial log then holds one ground truth per boot). With `plain`,
     QEMU keeps guest RAM in its own memory (no shared RAM file), as VMs that
     were not started for introspection do; up to MAX_PLAIN_MEMORY_MB, RAM
-    above 4 GiB included.
+    above 4 GiB included. With `vmcoreinfo`, the guest loads the kernel's
+    qemu_fw_cfg module (from the same kernel package) so that QEMU's dumps
+    (ELF, kdump) carry its VMCOREINFO note.
     """
     spec = get_guest(guest)
     check_accel(accel)
@@ -257,8 +261,14 @@ def up(
             notes.extend(_profile_note(image, say))
         files.run_dir.mkdir(parents=True, mode=0o700)
         initrd = image.initramfs
+        extra = b""
+        if vmcoreinfo:
+            extra += module_archive(image, FW_CFG_MODULE)
+            scenario = f"insmod /vmi/{FW_CFG_MODULE}.ko\n".encode() + (scenario or b"")
         if scenario is not None:
-            files.initrd.write_bytes(image.initramfs.read_bytes() + scenario_archive(scenario))
+            extra += scenario_archive(scenario)
+        if extra:
+            files.initrd.write_bytes(image.initramfs.read_bytes() + extra)
             initrd = files.initrd
         cmd = qemu_command(
             spec,
@@ -280,6 +290,7 @@ def up(
             "run_dir": str(files.run_dir),
             "ram_path": None if plain else str(files.ram_path),
             "plain": plain,
+            "vmcoreinfo": vmcoreinfo,
             "ram_size": memory_mb * MIB,
             "memory_mb": memory_mb,
             "phys_offset": spec.phys_offset,
@@ -320,6 +331,36 @@ def up(
         instances.write_record(files, record)
         say(f"{name}: ready after {record['boot_seconds']} s (pid {pid})")
         return _guest_from_record(record, files)
+
+
+#: The kernel module that hands the guest's VMCOREINFO to QEMU's `-device vmcoreinfo`.
+FW_CFG_MODULE = "qemu_fw_cfg"
+
+
+def module_archive(image: BuiltGuest, module: str) -> bytes:
+    """An initramfs archive holding /vmi/MODULE.ko from the guest's own kernel package.
+
+    The module is taken from the .deb once and kept beside the image.
+    """
+    cached = image.image_dir / "modules" / f"{module}.ko"
+    try:
+        data = cached.read_bytes()
+    except OSError:
+        suffix = f"/{module}.ko"
+        prefix = f"lib/modules/{image.kernel_release}/"
+        found = deb.extract(
+            image.kernel_deb, lambda n: n.startswith(prefix) and n.endswith(suffix), stop_when=bool
+        )
+        if not found:
+            raise LabError(f"{image.kernel_deb.name} has no {module}.ko") from None
+        data = next(iter(found.values()))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(cached)
+    cpio = Cpio()
+    cpio.add_file(f"vmi/{module}.ko", data)
+    return compress(bytes(cpio))
 
 
 def _profile_note(image: BuiltGuest, say: Progress) -> list[str]:
@@ -456,7 +497,9 @@ def list_guests() -> list[GuestStatus]:
     return out
 
 
-DUMP_FORMATS = ("raw", "elf")
+#: kdump-* are makedumpfile's compressed format as QEMU writes it (flattened); which
+#: codecs a QEMU offers depends on its build (Debian 12's 7.2: kdump-zlib only).
+DUMP_FORMATS = ("raw", "elf", "kdump-zlib", "kdump-lzo", "kdump-snappy")
 
 
 def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.0) -> Path:
@@ -464,10 +507,11 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
 
     raw: the RAM file copied while the vCPUs are paused (offset = physical
     address); elf: QEMU's `dump-guest-memory` (paging off) with PT_LOAD
-    segments per RAM block and QEMU/VMCOREINFO notes carrying registers.
+    segments per RAM block and QEMU/VMCOREINFO notes carrying registers;
+    kdump-*: the same in makedumpfile's compressed format.
     """
     if fmt not in DUMP_FORMATS:
-        raise LabError(f"unknown dump format {fmt!r} (use raw or elf)")
+        raise LabError(f"unknown dump format {fmt!r} (use one of {', '.join(DUMP_FORMATS)})")
     guest = attach(name)
     target = Path(path).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -487,7 +531,11 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
                 if was_running:
                     q.cont()
         else:
-            q.command("dump-guest-memory", paging=False, protocol=f"file:{target}")
+            extra = {} if fmt == "elf" else {"format": fmt}
+            try:
+                q.command("dump-guest-memory", paging=False, protocol=f"file:{target}", **extra)
+            except QmpError as exc:
+                raise LabError(f"QEMU cannot write a {fmt} dump of {name!r}: {exc}") from exc
             result = q.command("query-dump")
             if result.get("status") != "completed":
                 raise LabError(f"dump of {name!r} to {target} did not complete: {result}")
