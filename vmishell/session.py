@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
-    "lab:NAME, qmp:SOCKET, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, libvmi-file:DUMP "
-    "or an image path"
+    "lab:NAME, qmp:SOCKET, libvirt:NAME[@URI], qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, "
+    "libvmi-file:DUMP or an image path"
 )
 
 PROCESS_COLUMNS = [
@@ -286,7 +286,7 @@ class Session:
         writable: bool = False,
     ) -> Session:
         """Attach by one string: `lab:NAME`, `qmp:SOCKET` (any running QEMU),
-        `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
+        `libvirt:NAME[@URI]`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
         `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), an image path, or a bare
         lab instance name. Schemes of other packages come from `vmishell.schemes`."""
         text = os.fspath(target)
@@ -295,6 +295,10 @@ class Session:
 
             source = open_qmp(text[4:], writable=writable)
             return cls(source, profile, limits=limits, name=text)
+        if text.startswith("libvirt:"):
+            from vmishell.sources.libvirt import open_libvirt
+
+            return cls(open_libvirt(text[8:], writable=writable), profile, limits=limits, name=text)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
             return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
@@ -317,7 +321,9 @@ class Session:
                 raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
         if colon and scheme.isidentifier():
-            kinds = ", ".join(["qemu", "qmp", "xen", "kvm", "libvmi-file", *schemes.known()])
+            kinds = ", ".join(
+                ["qemu", "qmp", "libvirt", "xen", "kvm", "libvmi-file", *schemes.known()]
+            )
             raise SourceError(f"{text!r}: no target kind {scheme!r} and no such file ({kinds})")
         open_lab = schemes.opener("lab")
         if open_lab is not None:

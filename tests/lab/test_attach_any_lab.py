@@ -1,9 +1,10 @@
 """Attach to VMs nobody started for introspection, and to the dumps their tools write.
 
-One plain guest of its own (`lab up --plain --vmcoreinfo`: guest RAM in QEMU's
-anonymous memory, no RAM file, 3 GiB so that RAM also lies above 4 GiB, and
-the qemu_fw_cfg module loaded so that dumps carry VMCOREINFO) serves the
-`qmp:` and dump tests. Each target must give the guest's own process list,
+Two guests of their own, neither with a shared RAM file: a plain QEMU (`lab up
+--plain --vmcoreinfo`: RAM in QEMU's anonymous memory, 3 GiB so that RAM also
+lies above 4 GiB) for `qmp:`, and a transient TCG libvirt domain (`lab up
+--libvirt`) for `libvirt:` and `virsh dump`. Both load qemu_fw_cfg, so their
+dumps carry VMCOREINFO. Each target must give the guest's own process list,
 the marker process's maps and the marker's bytes, as the guest printed them.
 """
 
@@ -196,16 +197,148 @@ def test_a_qemu_that_exits_ends_the_source_with_one_clear_error(bare_qemu) -> No
     src.close()
 
 
-# -- dumps: QEMU ELF with VMCOREINFO, kdump-compressed ---------------------------------
+# -- libvirt: -----------------------------------------------------------------------------
+
+LIBVIRT_URI = "qemu:///system"
+
+
+def _libvirt_answers() -> bool:
+    try:
+        import libvirt
+    except ImportError:
+        return False
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        libvirt.open(LIBVIRT_URI).close()
+    except libvirt.libvirtError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
-def plain_dumps(plain, tmp_path_factory) -> Iterator[dict[str, Path]]:
-    """An ELF and a kdump-zlib dump of the plain guest (QEMU's own writers), made once."""
-    where = tmp_path_factory.mktemp("plain-dumps")
-    dumps = {fmt: plain.dump(where / f"guest.{fmt}", fmt) for fmt in ("elf", "kdump-zlib")}
-    yield dumps
-    for path in dumps.values():
+def libvirtd() -> Iterator[str]:
+    """libvirt's system daemon, started here (with virtlogd) when it is not running yet."""
+    started: list[Path] = []
+    if not _libvirt_answers():
+        for daemon, pidfile in (
+            ("virtlogd", "/run/virtlogd.pid"),
+            ("libvirtd", "/run/libvirtd.pid"),
+        ):
+            try:
+                subprocess.run([daemon, "-d"], check=True, capture_output=True, timeout=30)
+            except (OSError, subprocess.SubprocessError) as exc:
+                lab_unavailable(
+                    f"cannot start {daemon} (apt-get install libvirt-daemon-system): {exc}"
+                )
+            started.append(Path(pidfile))
+        deadline = time.monotonic() + 30
+        while not _libvirt_answers():
+            if time.monotonic() > deadline:
+                lab_unavailable(f"libvirtd started but {LIBVIRT_URI} does not answer")
+            time.sleep(0.2)
+    yield LIBVIRT_URI
+    for pidfile in reversed(started):  # only the daemons this fixture started
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def libvirt_guest(libvirtd) -> Iterator[runner.RunningGuest]:
+    """The lab's x86_64 kernel and initramfs as a transient TCG libvirt domain (no RAM file)."""
+    name = f"t-{os.getpid()}-virt"
+    try:
+        guest = runner.up("x86_64", name, libvirt=libvirtd, vmcoreinfo=True, timeout=240)
+    except VmiError as exc:
+        lab_unavailable(f"x86_64 under libvirt: {exc}")
+        raise AssertionError("unreachable") from exc
+    yield guest
+    runner.down(name)
+
+
+def _domain_state(guest: runner.RunningGuest) -> int:
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        return conn.lookupByName(guest.name).state()[0]
+    finally:
+        conn.close()
+
+
+def test_libvirt_attaches_to_a_domain_by_name_and_sees_the_guest(libvirt_guest) -> None:
+    from vmishell.sources.libvirt import LibvirtSource
+
+    for target in (f"libvirt:{libvirt_guest.name}", f"libvirt:{libvirt_guest.name}@{LIBVIRT_URI}"):
+        with Session.attach(target) as s:
+            assert isinstance(s.source, LibvirtSource)
+            assert s.source.pid == libvirt_guest.pid
+            assert_is_the_guest(s, libvirt_guest.truth())
+    with Session.attach(f"lab:{libvirt_guest.name}") as s:
+        assert isinstance(s.source, LibvirtSource)
+
+
+def test_libvirt_pauses_with_suspend_and_resumes_only_what_it_paused(libvirt_guest) -> None:
+    import libvirt
+
+    lay = layout(libvirt_guest.guest.arch)
+    with Session.attach(f"libvirt:{libvirt_guest.name}@{LIBVIRT_URI}") as s:
+        proc = s.process(libvirt_guest.truth().marker_pid)
+        with s.paused():
+            assert _domain_state(libvirt_guest) == libvirt.VIR_DOMAIN_PAUSED
+            assert s.state == "paused"
+            first = proc.read(lay.counter_va, 8)
+            time.sleep(1.0)
+            assert proc.read(lay.counter_va, 8) == first
+        assert _domain_state(libvirt_guest) == libvirt.VIR_DOMAIN_RUNNING
+        assert s.source.registers().cr3 is not None
+
+
+def test_libvirt_refuses_what_would_change_the_domain_and_bad_names(libvirt_guest) -> None:
+    from vmishell.sources.libvirt import LibvirtSource
+
+    boots = libvirt_guest.serial_log.read_text(errors="replace").count("@@vmi boot")
+    with pytest.raises(SourceError, match="opened read-only"):
+        Session.attach(f"libvirt:{libvirt_guest.name}", writable=True)
+    with Session.attach(f"libvirt:{libvirt_guest.name}") as s:
+        assert isinstance(s.source, LibvirtSource)
+        with s.source._monitor() as monitor:
+            for command in ("quit", "system_reset", "stop", "cont", "pmemsave"):
+                with pytest.raises(SourceError, match="could change the domain"):
+                    monitor.command(command)
+            with pytest.raises(SourceError, match="could change the domain"):
+                monitor.hmp("system_reset")
+    with pytest.raises(SourceError, match=f"no libvirt domain named 'absent' at {LIBVIRT_URI}"):
+        Session.attach(f"libvirt:absent@{LIBVIRT_URI}")
+    with pytest.raises(SourceError, match="cannot connect to libvirt at qemu\\+unix"):
+        Session.attach(f"libvirt:{libvirt_guest.name}@qemu+unix:///system?socket=/nonexistent")
+    assert libvirt_guest.alive()
+    assert libvirt_guest.serial_log.read_text(errors="replace").count("@@vmi boot") == boots
+
+
+# -- dumps: ELF with VMCOREINFO and kdump-compressed, as virsh and QEMU write them -----------
+
+
+@pytest.fixture(scope="module")
+def dumps(plain, libvirt_guest, tmp_path_factory) -> Iterator[dict[str, tuple[Path, object]]]:
+    """Dumps written by the tools people use, each with the guest it came from, made once.
+
+    `virsh dump --memory-only` (ELF, kdump-zlib) of the libvirt domain, and QEMU's
+    own kdump-zlib of the plain 3 GiB guest (RAM above 4 GiB) through QMP.
+    """
+    where = tmp_path_factory.mktemp("dumps")
+    made: dict[str, tuple[Path, object]] = {}
+    for fmt in ("elf", "kdump-zlib"):
+        path = where / f"virsh.{fmt}"
+        virsh = subprocess.run(
+            ["virsh", "-c", LIBVIRT_URI, "dump", "--memory-only", "--format", fmt,
+             libvirt_guest.name, str(path)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert virsh.returncode == 0, virsh.stderr
+        made[f"virsh-{fmt}"] = (path, libvirt_guest)
+    made["qmp-kdump-zlib"] = (plain.dump(where / "plain.kdump", "kdump-zlib"), plain)
+    yield made
+    for path, _ in made.values():
         path.unlink(missing_ok=True)
 
 
@@ -238,28 +371,28 @@ def transcode(path: Path, codec: str, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["elf", "kdump-zlib", "kdump-lzo", "kdump-snappy", "kdump-zstd"])
-def test_dumps_are_the_guest_and_place_its_kernel_by_vmcoreinfo(
-    plain, plain_dumps, kind, tmp_path
-) -> None:
-    if kind in plain_dumps:
-        path = plain_dumps[kind]
-    else:
-        path = transcode(plain_dumps["kdump-zlib"], kind[6:], tmp_path / f"guest.{kind}")
+@pytest.mark.parametrize(
+    "kind",
+    ["virsh-elf", "virsh-kdump-zlib", "qmp-kdump-zlib", "kdump-lzo", "kdump-snappy", "kdump-zstd"],
+)
+def test_dumps_are_the_guest_and_place_its_kernel_by_vmcoreinfo(dumps, kind, tmp_path) -> None:
+    if kind in dumps:
+        path, guest = dumps[kind]
+    else:  # the virsh kdump's very pages stored with the other codecs
+        source, guest = dumps["virsh-kdump-zlib"]
+        path = transcode(source, kind[6:], tmp_path / f"guest.{kind}")
     with Session.image(path) as s:
         assert s.found_by == "VMCOREINFO", s.events
         assert s.events == []
-        truth = plain.truth()
+        truth = guest.truth()
         assert s.symbol("_text") == truth.symbols["_text"]
         assert_is_the_guest(s, truth)
         regs = s.source.registers()
         assert regs.arch == "x86_64" and regs.cr3 is not None
 
 
-def test_a_vmcoreinfo_that_lies_is_caught_and_the_banner_search_decides(
-    plain, plain_dumps, tmp_path
-) -> None:
-    path = plain_dumps["kdump-zlib"]
+def test_a_vmcoreinfo_that_lies_is_caught_and_the_banner_search_decides(dumps, tmp_path) -> None:
+    path, guest = dumps["virsh-kdump-zlib"]
     with KdumpSource(path) as k:
         text = k.vmcoreinfo
     assert text is not None
@@ -271,12 +404,12 @@ def test_a_vmcoreinfo_that_lies_is_caught_and_the_banner_search_decides(
     with Session.image(forged) as s:
         assert s.found_by == "banner"
         assert any("VMCOREINFO not used" in e for e in s.events), s.events
-        assert_is_the_guest(s, plain.truth())
+        assert_is_the_guest(s, guest.truth())
 
 
-def test_a_truncated_kdump_gives_one_clear_error(plain_dumps, tmp_path) -> None:
+def test_a_truncated_kdump_gives_one_clear_error(dumps, tmp_path) -> None:
     cut = tmp_path / "cut.kdump"
-    data = plain_dumps["kdump-zlib"].read_bytes()
+    data = dumps["virsh-kdump-zlib"][0].read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(SourceError, match=r"runs past the end of the file|without its end record"):
         Session.image(cut)

@@ -47,6 +47,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         reboot=args.reboot,
         plain=args.plain,
         vmcoreinfo=args.vmcoreinfo,
+        libvirt=args.libvirt,
     )
     for note in guest.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -54,7 +55,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         f"{guest.name}: {guest.guest.name} ready in {guest.boot_seconds} s  pid {guest.pid}\n"
         f"  ram    {guest.ram_path or 'in the QEMU process (plain)'} "
         f"({guest.ram_size >> 20} MiB)\n"
-        f"  qmp    {guest.qmp_path}\n"
+        f"  attach {guest.target}\n"
         f"  serial {guest.serial_log}"
     )
     return 0
@@ -157,6 +158,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--vmcoreinfo",
         action="store_true",
         help="load the kernel's qemu_fw_cfg module so that dumps carry the VMCOREINFO note",
+    )
+    p.add_argument(
+        "--libvirt",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="run the guest as a transient libvirt domain (at URI, default libvirt's own); "
+        "attach with lab:NAME or libvirt:NAME",
     )
     p.set_defaults(func=_cmd_up)
 

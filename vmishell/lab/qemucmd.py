@@ -133,3 +133,65 @@ def qemu_command(
         "-append", kernel_cmdline(spec, extra_kernel_args),
     ]  # fmt: skip
     return cmd
+
+
+def libvirt_domain_xml(
+    spec: GuestSpec,
+    *,
+    name: str,
+    emulator: str,
+    files: LaunchFiles,
+    kernel: Path,
+    initrd: Path,
+    memory_mb: int,
+    accel: str = "tcg",
+    extra_kernel_args: tuple[str, ...] = (),
+) -> str:
+    """A transient libvirt domain running `spec` the way `qemu_command` does, minus the RAM file.
+
+    The kernel and initramfs boot directly, the serial console goes to the
+    instance's serial log (the ground truth), VMCOREINFO is on, and any reset,
+    reboot or crash ends the domain. QEMU runs as root without relabelling,
+    so libvirt leaves the lab's cached images as they are.
+    """
+    from xml.sax.saxutils import escape, quoteattr
+
+    model, *flags = (spec.cpu or "qemu64").split(",")
+    features = "".join(
+        f"<feature policy={quoteattr('require' if f[0] == '+' else 'disable')} "
+        f"name={quoteattr(f[1:])}/>"
+        for f in flags
+        if f[:1] in "+-" and len(f) > 1
+    )
+    arch = "x86_64" if spec.qemu_binary.endswith("x86_64") else "i686"
+    domain_type = "kvm" if accel == "kvm" else "qemu"
+    cmdline = kernel_cmdline(spec, extra_kernel_args)
+    return f"""<domain type={quoteattr(domain_type)}>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{int(memory_mb)}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch={quoteattr(arch)} machine={quoteattr(spec.machine)}>hvm</type>
+    <kernel>{escape(str(kernel))}</kernel>
+    <initrd>{escape(str(initrd))}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features><acpi/><vmcoreinfo state='on'/></features>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='forbid'>{escape(model)}</model>{features}
+  </cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{escape(emulator)}</emulator>
+    <serial type='file'>
+      <source path={quoteattr(str(files.serial_log))}/>
+      <target port='0'/>
+    </serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+</domain>
+"""

@@ -29,7 +29,7 @@ from vmishell.lab.build import BuiltGuest, build_guest
 from vmishell.lab.guests import DEFAULT_MEMORY_MB, GuestSpec, check_accel, get_guest
 from vmishell.lab.initramfs import Cpio, compress, scenario_archive
 from vmishell.lab.paths import run_root
-from vmishell.lab.qemucmd import LaunchFiles, qemu_command
+from vmishell.lab.qemucmd import LaunchFiles, libvirt_domain_xml, qemu_command
 from vmishell.lab.truth import GroundTruth, is_ready, read_truth
 from vmishell.sources.base import Registers
 from vmishell.sources.qmp import QmpClient
@@ -70,6 +70,15 @@ class RunningGuest:
     boot_seconds: float | None = None
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
     notes: tuple[str, ...] = ()
+    #: The libvirt URI of a guest run as a libvirt domain (`up(libvirt=...)`), else None.
+    libvirt_uri: str | None = None
+
+    @property
+    def target(self) -> str:
+        """How vmishell attaches to this guest without the lab (`libvirt:` or `qmp:`)."""
+        if self.libvirt_uri is not None:
+            return f"libvirt:{self.name}" + (f"@{self.libvirt_uri}" if self.libvirt_uri else "")
+        return f"qmp:{self.qmp_path}"
 
     @property
     def plain(self) -> bool:
@@ -192,6 +201,7 @@ def _guest_from_record(record: dict[str, Any], files: LaunchFiles) -> RunningGue
         guest=get_guest(record["guest"]),
         run_dir=files.run_dir,
         ram_path=Path(record["ram_path"]) if record.get("ram_path") else None,
+        libvirt_uri=record.get("libvirt_uri"),
         ram_size=int(record["ram_size"]),
         qmp_path=Path(record["qmp_path"]),
         serial_log=Path(record["serial_log"]),
@@ -224,6 +234,7 @@ def up(
     reboot: bool = False,
     plain: bool = False,
     vmcoreinfo: bool = False,
+    libvirt: str | None = None,
 ) -> RunningGuest:
     """Boot `guest` as instance `name` (default: the guest's name) and wait until ready.
 
@@ -236,10 +247,15 @@ def up(
     were not started for introspection do; up to MAX_PLAIN_MEMORY_MB, RAM
     above 4 GiB included. With `vmcoreinfo`, the guest loads the kernel's
     qemu_fw_cfg module (from the same kernel package) so that QEMU's dumps
-    (ELF, kdump) carry its VMCOREINFO note.
+    (ELF, kdump) carry its VMCOREINFO note. With `libvirt` (a URI, "" for
+    libvirt's default), the guest runs as a transient libvirt domain named
+    like the instance (plain: no RAM file), for `libvirt:NAME` and `virsh`.
     """
     spec = get_guest(guest)
     check_accel(accel)
+    plain = plain or libvirt is not None
+    if libvirt is not None and reboot:
+        raise LabError("a libvirt lab guest cannot reboot (its domain ends on reset)")
     name = instances.check_name(name or spec.name)
     most = MAX_PLAIN_MEMORY_MB if plain else MAX_MEMORY_MB
     if not MIN_MEMORY_MB <= memory_mb <= most:
@@ -283,6 +299,19 @@ def up(
             reboot=reboot,
             plain=plain,
         )
+        domain_xml = None
+        if libvirt is not None:
+            domain_xml = libvirt_domain_xml(
+                spec,
+                name=name,
+                emulator=qemu,
+                files=files,
+                kernel=image.vmlinuz,
+                initrd=initrd,
+                memory_mb=memory_mb,
+                accel=accel,
+                extra_kernel_args=extra_kernel_args,
+            )
         record: dict[str, Any] = {
             "name": name,
             "guest": spec.name,
@@ -299,7 +328,9 @@ def up(
             "reboot": reboot,
             "serial_log": str(files.serial_log),
             "accel": accel,
-            "command": cmd,
+            "command": None if domain_xml else cmd,
+            "libvirt_uri": libvirt,
+            "domain_xml": domain_xml,
             "init_script": str(init_script) if init_script is not None else None,
             "manifest": image.manifest,
             "notes": notes,
@@ -308,18 +339,10 @@ def up(
         instances.write_record(files, record)
         say(f"{name}: starting {spec.qemu_binary} ({spec.name}, {memory_mb} MiB, {accel})")
         started = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        except subprocess.TimeoutExpired:
-            _abort(files, instances.read_pid(files))
-            raise LabError(f"{name}: QEMU did not daemonize within 60 s") from None
-        pid = instances.read_pid(files)
-        if proc.returncode != 0 or pid is None:
-            _abort(files, pid)
-            raise LabError(
-                f"{name}: {spec.qemu_binary} failed to start (exit code {proc.returncode}):\n"
-                f"{(proc.stderr or proc.stdout).strip()}"
-            )
+        if domain_xml is not None:
+            pid = _start_domain(name, libvirt or "", domain_xml, files)
+        else:
+            pid = _start_qemu(name, spec, cmd, files)
         record.update(pid=pid, started_at=started)
         instances.write_record(files, record)
         try:
@@ -331,6 +354,78 @@ def up(
         instances.write_record(files, record)
         say(f"{name}: ready after {record['boot_seconds']} s (pid {pid})")
         return _guest_from_record(record, files)
+
+
+def _start_qemu(name: str, spec: GuestSpec, cmd: list[str], files: LaunchFiles) -> int:
+    """Run the daemonizing QEMU command; its pid once it is in the background."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        _abort(files, instances.read_pid(files))
+        raise LabError(f"{name}: QEMU did not daemonize within 60 s") from None
+    pid = instances.read_pid(files)
+    if proc.returncode != 0 or pid is None:
+        _abort(files, pid)
+        raise LabError(
+            f"{name}: {spec.qemu_binary} failed to start (exit code {proc.returncode}):\n"
+            f"{(proc.stderr or proc.stdout).strip()}"
+        )
+    return pid
+
+
+def _libvirt_conn(uri: str) -> tuple[Any, Any]:
+    """(libvirt module, connection to `uri`), or a LabError saying why not."""
+    from vmishell.errors import SourceError
+    from vmishell.sources.libvirt import _libvirt, _message
+
+    try:
+        libvirt, _ = _libvirt()
+    except SourceError as exc:
+        raise LabError(str(exc)) from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        return libvirt, libvirt.open(uri or None)
+    except libvirt.libvirtError as exc:
+        where = uri or "libvirt's default URI"
+        raise LabError(f"cannot connect to libvirt at {where}: {_message(exc)}") from None
+
+
+def _start_domain(name: str, uri: str, xml: str, files: LaunchFiles) -> int:
+    """Create the transient domain; the pid of its QEMU (also written to the pid file)."""
+    from vmishell.errors import SourceError
+    from vmishell.sources.libvirt import _message, qemu_pid
+
+    libvirt, conn = _libvirt_conn(uri)
+    try:
+        try:
+            domain = conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            instances.remove_files(files)
+            raise LabError(f"{name}: libvirt could not start the domain: {_message(exc)}") from None
+        try:
+            pid = qemu_pid(domain, name)
+        except SourceError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()
+            instances.remove_files(files)
+            raise LabError(str(exc)) from None
+    finally:
+        conn.close()
+    files.pidfile.write_text(f"{pid}\n")
+    return pid
+
+
+def _destroy_domain(record: dict[str, Any]) -> None:
+    """Destroy an instance's libvirt domain (when it still exists)."""
+    try:
+        libvirt, conn = _libvirt_conn(record.get("libvirt_uri") or "")
+    except LabError:
+        return  # the QEMU is then stopped by its pid
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(record["name"]).destroy()
+    finally:
+        conn.close()
 
 
 #: The kernel module that hands the guest's VMCOREINFO to QEMU's `-device vmcoreinfo`.
@@ -448,6 +543,9 @@ def down(name: str, *, grace: float = 5.0) -> list[str]:
         if not instances.leftovers(files):
             raise LabError(f"no lab instance named {name!r}{_running_hint()}")
         pid = instances.read_pid(files)
+        record = instances.read_record(files) or {}
+        if record.get("libvirt_uri") is not None and instances.pid_alive(pid, files.run_dir):
+            _destroy_domain(record)
         how = _stop_qemu(files, pid, grace)
         removed = instances.remove_files(files)
     return [f"{name}: QEMU {how}", *(f"removed {p}" for p in removed)]
@@ -461,7 +559,9 @@ def status(name: str) -> GuestStatus:
     record = instances.read_record(files) or {}
     pid = instances.read_pid(files)
     state = "stale"
-    if instances.pid_alive(pid, files.run_dir):
+    if instances.pid_alive(pid, files.run_dir) and record.get("libvirt_uri") is not None:
+        state = _domain_state(record)
+    elif instances.pid_alive(pid, files.run_dir):
         try:
             with QmpClient(files.qmp, timeout=5.0) as q:
                 state = q.status()
@@ -515,6 +615,9 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
     guest = attach(name)
     target = Path(path).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    if guest.libvirt_uri is not None and fmt != "raw":
+        _dump_domain(guest, target, fmt)
+        return target
     if fmt == "raw" and guest.ram_path is None:
         _dump_process_ram(guest, target)
         return target
@@ -548,11 +651,17 @@ def _dump_process_ram(guest: RunningGuest, target: Path) -> None:
     File offset = physical address (RAM above 4 GiB lands past a sparse hole).
     """
     from vmishell.errors import VmiError
+    from vmishell.sources.base import PhysicalSource
+    from vmishell.sources.libvirt import open_libvirt
     from vmishell.sources.qemuproc import open_qmp
 
     chunk = 16 * MIB
     try:
-        src = open_qmp(guest.qmp_path, pid=guest.pid)
+        src: PhysicalSource
+        if guest.libvirt_uri is not None:
+            src = open_libvirt(guest.target.removeprefix("libvirt:"))
+        else:
+            src = open_qmp(guest.qmp_path, pid=guest.pid)
         with src, src.paused(), target.open("wb") as out:
             for r in src.ranges():
                 for pos in range(r.start, r.end, chunk):
@@ -561,3 +670,46 @@ def _dump_process_ram(guest: RunningGuest, target: Path) -> None:
             out.truncate(src.size)
     except (VmiError, OSError) as exc:
         raise LabError(f"raw dump of {guest.name!r} to {target} failed: {exc}") from exc
+
+
+def _dump_domain(guest: RunningGuest, target: Path, fmt: str) -> None:
+    """`virsh dump --memory-only --format FMT` through libvirt's API."""
+    from vmishell.sources.libvirt import _message
+
+    libvirt, conn = _libvirt_conn(guest.libvirt_uri or "")
+    formats = {
+        "elf": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,  # memory-only "raw" is QEMU's ELF
+        "kdump-zlib": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_ZLIB,
+        "kdump-lzo": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_LZO,
+        "kdump-snappy": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_SNAPPY,
+    }
+    try:
+        domain = conn.lookupByName(guest.name)
+        domain.coreDumpWithFormat(str(target), formats[fmt], libvirt.VIR_DUMP_MEMORY_ONLY)
+    except libvirt.libvirtError as exc:
+        raise LabError(
+            f"libvirt cannot write a {fmt} dump of {guest.name!r}: {_message(exc)}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _domain_state(record: dict[str, Any]) -> str:
+    """libvirt's word for the state of an instance's domain ("running", "paused", ...)."""
+    try:
+        libvirt, conn = _libvirt_conn(record.get("libvirt_uri") or "")
+    except LabError:
+        return "unreachable"
+    names = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    }
+    try:
+        return names.get(conn.lookupByName(record["name"]).state()[0], "unknown")
+    except libvirt.libvirtError:
+        return "unreachable"
+    finally:
+        conn.close()

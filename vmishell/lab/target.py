@@ -11,6 +11,12 @@ from vmishell.session import Session
 def open_lab(name: str, **options: Any) -> Session:
     """A Session on the running lab instance `name`, told its QEMU pid and event socket."""
     guest = attach(name)
+    if guest.libvirt_uri is not None:  # `lab up --libvirt`: a libvirt domain
+        from vmishell.sources.libvirt import open_libvirt
+
+        writable = bool(options.pop("writable", False))
+        source = open_libvirt(guest.target.removeprefix("libvirt:"), writable=writable)
+        return Session(source, name=f"lab:{name}", **options)
     if guest.ram_path is None:  # `lab up --plain`: RAM in QEMU's own process
         from vmishell.sources.qemuproc import open_qmp
 
