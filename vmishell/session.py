@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from vmishell.os.linux.kernel import (
 from vmishell.os.linux.liveness import KernelPulse, runs_on_cpu, ticks
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
+from vmishell.os.linux.vmcoreinfo import locate_by_vmcoreinfo, vmcoreinfo_of
 from vmishell.sources import open_image
 from vmishell.sources.base import PhysicalSource, Registers
 from vmishell.symbols.finder import find_profile
@@ -65,7 +66,8 @@ if TYPE_CHECKING:
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
-    "lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, libvmi-file:DUMP or an image path"
+    "lab:NAME, qmp:SOCKET, libvirt:NAME[@URI], qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, "
+    "libvmi-file:DUMP or an image path"
 )
 
 PROCESS_COLUMNS = [
@@ -211,6 +213,8 @@ class Session:
         self._resets = source.resets
         self._reboot_pending: str | None = None
         self._lifecycle_lock = threading.RLock()  # a watch thread and the caller may both notice
+        #: How the kernel was found: "VMCOREINFO" (the kernel's own note, checked) or "banner".
+        self.found_by = "banner"
         try:
             if profile is None:
                 profile = find_profile(source, limits=self.limits)
@@ -288,10 +292,20 @@ class Session:
         limits: Limits | None = None,
         writable: bool = False,
     ) -> Session:
-        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
+        """Attach by one string: `lab:NAME`, `qmp:SOCKET` (any running QEMU),
+        `libvirt:NAME[@URI]`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
         `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), an image path, or a bare
         lab instance name. Schemes of other packages come from `vmishell.schemes`."""
         text = os.fspath(target)
+        if text.startswith("qmp:"):
+            from vmishell.sources.qemuproc import open_qmp
+
+            source = open_qmp(text[4:], writable=writable)
+            return cls(source, profile, limits=limits, name=text)
+        if text.startswith("libvirt:"):
+            from vmishell.sources.libvirt import open_libvirt
+
+            return cls(open_libvirt(text[8:], writable=writable), profile, limits=limits, name=text)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
             return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
@@ -314,7 +328,9 @@ class Session:
                 raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
         if colon and scheme.isidentifier():
-            kinds = ", ".join(["qemu", "xen", "kvm", "libvmi-file", *schemes.known()])
+            kinds = ", ".join(
+                ["qemu", "qmp", "libvirt", "xen", "kvm", "libvmi-file", *schemes.known()]
+            )
             raise SourceError(f"{text!r}: no target kind {scheme!r} and no such file ({kinds})")
         open_lab = schemes.opener("lab")
         if open_lab is not None:
@@ -343,6 +359,10 @@ class Session:
         except VmiError:
             regs = None
         accept = runs_on_cpu(source, self.profile, regs) if regs is not None else None
+        found = self._locate_by_vmcoreinfo(regs, accept)
+        if found is not None:
+            return found
+        self.found_by = "banner"
         if accept is None and after_reset:
             accept = ticks(source, self.profile)
         try:
@@ -352,6 +372,28 @@ class Session:
                 raise
         # No candidate is mapped by this CR3 (a vCPU caught in firmware, say): take the first.
         return locate_kernel(source, self.profile, self.limits, regs=regs)
+
+    def _locate_by_vmcoreinfo(
+        self, regs: Registers | None, accept: Callable[[KernelLocation], bool] | None
+    ) -> KernelLocation | None:
+        """The kernel where its VMCOREINFO note says, if the source has one and it checks out.
+
+        A note that disagrees with memory is reported in `events` and the banner
+        search decides.
+        """
+        info = vmcoreinfo_of(self.source)
+        if info is None:
+            return None
+        try:
+            location = locate_by_vmcoreinfo(self.source, self.profile, info, regs)
+        except VmiError as exc:
+            self.events.append(f"VMCOREINFO not used: {exc}")
+            return None
+        if accept is not None and not accept(location):
+            self.events.append("VMCOREINFO not used: its kernel is not the one the vCPU runs")
+            return None
+        self.found_by = "VMCOREINFO"
+        return location
 
     def _new_pulse(self) -> KernelPulse | None:
         """Watch the kernel's ticks when the source cannot report resets itself."""

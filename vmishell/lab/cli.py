@@ -45,13 +45,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=_progress,
         reboot=args.reboot,
+        plain=args.plain,
+        vmcoreinfo=args.vmcoreinfo,
+        libvirt=args.libvirt,
     )
     for note in guest.notes:
         print(f"note: {note}", file=sys.stderr)
     print(
         f"{guest.name}: {guest.spec.name} ready in {guest.boot_seconds} s  pid {guest.pid}\n"
-        f"  ram    {guest.ram_path} ({guest.ram_size >> 20} MiB)\n"
-        f"  qmp    {guest.qmp_path}\n"
+        f"  ram    {guest.ram_path or 'in the QEMU process (plain)'} "
+        f"({guest.ram_size >> 20} MiB)\n"
+        f"  attach {guest.target}\n"
         f"  serial {guest.serial_log}"
     )
     return 0
@@ -143,6 +147,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reboot",
         action="store_true",
         help="a reset or reboot of the guest boots it again (default: it ends QEMU)",
+    )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="no shared RAM file: RAM stays in QEMU's process, as in VMs started by others "
+        "(attach with lab:NAME or qmp:SOCKET)",
+    )
+    p.add_argument(
+        "--vmcoreinfo",
+        action="store_true",
+        help="load the kernel's qemu_fw_cfg module so that dumps carry the VMCOREINFO note",
+    )
+    p.add_argument(
+        "--libvirt",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="run the guest as a transient libvirt domain (at URI, default libvirt's own); "
+        "attach with lab:NAME or libvirt:NAME",
     )
     p.set_defaults(func=_cmd_up)
 

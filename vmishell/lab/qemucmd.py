@@ -14,6 +14,9 @@ Choices that matter for introspection:
   ground truth channel, and nobody needs to be connected for it to be written;
 * `-device vmcoreinfo` lets dumps carry the kernel's VMCOREINFO note;
 * no KVM unless asked: TCG behaves the same on every machine.
+
+A `plain` guest leaves RAM in QEMU's own anonymous memory, as a VM started by
+someone else has it: vmishell then reads it through `qmp:` (QEMU's process).
 """
 
 from __future__ import annotations
@@ -90,22 +93,26 @@ def qemu_command(
     name: str = "",
     extra_kernel_args: tuple[str, ...] = (),
     reboot: bool = False,
+    plain: bool = False,
 ) -> list[str]:
     """argv for a daemonized QEMU running `spec` with the given files.
 
     With `reboot`, a guest reset (or reboot, or panic) boots the guest again in
-    the same QEMU, as a real machine would; otherwise it ends QEMU.
+    the same QEMU, as a real machine would; otherwise it ends QEMU. With
+    `plain`, guest RAM is QEMU's default (private, anonymous): no RAM file.
     """
-    machine = f"{spec.machine},memory-backend=mem"
-    cmd = [
-        qemu,
-        "-name", name or spec.name,
-        "-machine", machine,
-        "-accel", accel,
-        "-m", f"{memory_mb}M",
-        "-object",
-        f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={_opt(files.ram_path)},share=on",
-    ]  # fmt: skip
+    cmd = [qemu, "-name", name or spec.name]
+    if plain:
+        cmd += ["-machine", spec.machine, "-accel", accel, "-m", f"{memory_mb}M"]
+    else:
+        cmd += [
+            "-machine", f"{spec.machine},memory-backend=mem",
+            "-accel", accel,
+            "-m", f"{memory_mb}M",
+            "-object",
+            f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={_opt(files.ram_path)},"
+            "share=on",
+        ]  # fmt: skip
     if spec.cpu:
         cmd += ["-cpu", spec.cpu]
     cmd += ["-display", "none", "-nodefaults"]
@@ -126,3 +133,65 @@ def qemu_command(
         "-append", kernel_cmdline(spec, extra_kernel_args),
     ]  # fmt: skip
     return cmd
+
+
+def libvirt_domain_xml(
+    spec: GuestSpec,
+    *,
+    name: str,
+    emulator: str,
+    files: LaunchFiles,
+    kernel: Path,
+    initrd: Path,
+    memory_mb: int,
+    accel: str = "tcg",
+    extra_kernel_args: tuple[str, ...] = (),
+) -> str:
+    """A transient libvirt domain running `spec` the way `qemu_command` does, minus the RAM file.
+
+    The kernel and initramfs boot directly, the serial console goes to the
+    instance's serial log (the ground truth), VMCOREINFO is on, and any reset,
+    reboot or crash ends the domain. QEMU runs as root without relabelling,
+    so libvirt leaves the lab's cached images as they are.
+    """
+    from xml.sax.saxutils import escape, quoteattr
+
+    model, *flags = (spec.cpu or "qemu64").split(",")
+    features = "".join(
+        f"<feature policy={quoteattr('require' if f[0] == '+' else 'disable')} "
+        f"name={quoteattr(f[1:])}/>"
+        for f in flags
+        if f[:1] in "+-" and len(f) > 1
+    )
+    arch = "x86_64" if spec.qemu_binary.endswith("x86_64") else "i686"
+    domain_type = "kvm" if accel == "kvm" else "qemu"
+    cmdline = kernel_cmdline(spec, extra_kernel_args)
+    return f"""<domain type={quoteattr(domain_type)}>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{int(memory_mb)}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch={quoteattr(arch)} machine={quoteattr(spec.machine)}>hvm</type>
+    <kernel>{escape(str(kernel))}</kernel>
+    <initrd>{escape(str(initrd))}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features><acpi/><vmcoreinfo state='on'/></features>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='forbid'>{escape(model)}</model>{features}
+  </cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{escape(emulator)}</emulator>
+    <serial type='file'>
+      <source path={quoteattr(str(files.serial_log))}/>
+      <target port='0'/>
+    </serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+</domain>
+"""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -26,12 +27,13 @@ from vmishell.errors import LabError, MissingToolError, QmpError
 from vmishell.lab import instances
 from vmishell.lab.build import BuiltGuest, build_guest
 from vmishell.lab.guests import DEFAULT_MEMORY_MB, GuestSpec, check_accel, get_guest
-from vmishell.lab.initramfs import scenario_archive
+from vmishell.lab.initramfs import Cpio, compress, scenario_archive
 from vmishell.lab.paths import run_root
-from vmishell.lab.qemucmd import LaunchFiles, qemu_command
+from vmishell.lab.qemucmd import LaunchFiles, libvirt_domain_xml, qemu_command
 from vmishell.lab.truth import GroundTruth, is_ready, read_truth
 from vmishell.sources.base import Registers
 from vmishell.sources.qmp import QmpClient
+from vmishell.symbols import deb
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ MIB = 1 << 20
 #: Below 2 GiB, x86 `pc`/`q35` map all RAM at physical 0..size, so that the RAM
 #: file offset is the physical address; above it RAM is split around the PCI hole.
 MAX_MEMORY_MB = 2047
+#: A plain guest (no RAM file) is read through QEMU's process, which knows its layout.
+MAX_PLAIN_MEMORY_MB = 8192
 MIN_MEMORY_MB = 64
 TAIL_LINES = 20
 
@@ -52,7 +56,8 @@ class RunningGuest:
     name: str
     spec: GuestSpec
     run_dir: Path
-    ram_path: Path
+    #: The shared RAM file (None for a plain guest, whose RAM lives in QEMU's process).
+    ram_path: Path | None
     ram_size: int
     qmp_path: Path
     serial_log: Path
@@ -66,6 +71,20 @@ class RunningGuest:
     boot_seconds: float | None = None
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
     notes: tuple[str, ...] = ()
+    #: The libvirt URI of a guest run as a libvirt domain (`up(libvirt=...)`), else None.
+    libvirt_uri: str | None = None
+
+    @property
+    def target(self) -> str:
+        """How vmishell attaches to this guest without the lab (`libvirt:` or `qmp:`)."""
+        if self.libvirt_uri is not None:
+            return f"libvirt:{self.name}" + (f"@{self.libvirt_uri}" if self.libvirt_uri else "")
+        return f"qmp:{self.qmp_path}"
+
+    @property
+    def plain(self) -> bool:
+        """Started without a RAM file (`up(plain=True)`): attach through `qmp:`."""
+        return self.ram_path is None
 
     def truth(self) -> GroundTruth:
         """The ground truth the guest printed when it booted."""
@@ -182,7 +201,8 @@ def _guest_from_record(record: dict[str, Any], files: LaunchFiles) -> RunningGue
         name=record["name"],
         spec=get_guest(record["guest"]),
         run_dir=files.run_dir,
-        ram_path=Path(record["ram_path"]),
+        ram_path=Path(record["ram_path"]) if record.get("ram_path") else None,
+        libvirt_uri=record.get("libvirt_uri"),
         ram_size=int(record["ram_size"]),
         qmp_path=Path(record["qmp_path"]),
         serial_log=Path(record["serial_log"]),
@@ -213,6 +233,9 @@ def up(
     extra_kernel_args: tuple[str, ...] = (),
     built: BuiltGuest | None = None,
     reboot: bool = False,
+    plain: bool = False,
+    vmcoreinfo: bool = False,
+    libvirt: str | None = None,
 ) -> RunningGuest:
     """Boot `guest` as instance `name` (default: the guest's name) and wait until ready.
 
@@ -220,13 +243,24 @@ def up(
     started in the background by /init before the ground truth is printed.
     `built` overrides the image (tests use it to boot deliberately broken ones).
     With `reboot`, a reset or reboot of the guest boots it again in the same
-    QEMU (the serial log then holds one ground truth per boot).
+    QEMU (the serial log then holds one ground truth per boot). With `plain`,
+    QEMU keeps guest RAM in its own memory (no shared RAM file), as VMs that
+    were not started for introspection do; up to MAX_PLAIN_MEMORY_MB, RAM
+    above 4 GiB included. With `vmcoreinfo`, the guest loads the kernel's
+    qemu_fw_cfg module (from the same kernel package) so that QEMU's dumps
+    (ELF, kdump) carry its VMCOREINFO note. With `libvirt` (a URI, "" for
+    libvirt's default), the guest runs as a transient libvirt domain named
+    like the instance (plain: no RAM file), for `libvirt:NAME` and `virsh`.
     """
     spec = get_guest(guest)
     check_accel(accel)
+    plain = plain or libvirt is not None
+    if libvirt is not None and reboot:
+        raise LabError("a libvirt lab guest cannot reboot (its domain ends on reset)")
     name = instances.check_name(name or spec.name)
-    if not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB:
-        raise LabError(f"memory must be {MIN_MEMORY_MB}..{MAX_MEMORY_MB} MiB, not {memory_mb}")
+    most = MAX_PLAIN_MEMORY_MB if plain else MAX_MEMORY_MB
+    if not MIN_MEMORY_MB <= memory_mb <= most:
+        raise LabError(f"memory must be {MIN_MEMORY_MB}..{most} MiB, not {memory_mb}")
     qemu = _qemu_binary(spec)
     scenario = None
     if init_script is not None:
@@ -244,8 +278,14 @@ def up(
             notes.extend(_profile_note(image, say))
         files.run_dir.mkdir(parents=True, mode=0o700)
         initrd = image.initramfs
+        extra = b""
+        if vmcoreinfo:
+            extra += module_archive(image, FW_CFG_MODULE)
+            scenario = f"insmod /vmi/{FW_CFG_MODULE}.ko\n".encode() + (scenario or b"")
         if scenario is not None:
-            files.initrd.write_bytes(image.initramfs.read_bytes() + scenario_archive(scenario))
+            extra += scenario_archive(scenario)
+        if extra:
+            files.initrd.write_bytes(image.initramfs.read_bytes() + extra)
             initrd = files.initrd
         cmd = qemu_command(
             spec,
@@ -258,13 +298,29 @@ def up(
             name=name,
             extra_kernel_args=extra_kernel_args,
             reboot=reboot,
+            plain=plain,
         )
+        domain_xml = None
+        if libvirt is not None:
+            domain_xml = libvirt_domain_xml(
+                spec,
+                name=name,
+                emulator=qemu,
+                files=files,
+                kernel=image.vmlinuz,
+                initrd=initrd,
+                memory_mb=memory_mb,
+                accel=accel,
+                extra_kernel_args=extra_kernel_args,
+            )
         record: dict[str, Any] = {
             "name": name,
             "guest": spec.name,
             "image": spec.image_name,
             "run_dir": str(files.run_dir),
-            "ram_path": str(files.ram_path),
+            "ram_path": None if plain else str(files.ram_path),
+            "plain": plain,
+            "vmcoreinfo": vmcoreinfo,
             "ram_size": memory_mb * MIB,
             "memory_mb": memory_mb,
             "phys_offset": spec.phys_offset,
@@ -273,7 +329,9 @@ def up(
             "reboot": reboot,
             "serial_log": str(files.serial_log),
             "accel": accel,
-            "command": cmd,
+            "command": None if domain_xml else cmd,
+            "libvirt_uri": libvirt,
+            "domain_xml": domain_xml,
             "init_script": str(init_script) if init_script is not None else None,
             "manifest": image.manifest,
             "notes": notes,
@@ -282,18 +340,10 @@ def up(
         instances.write_record(files, record)
         say(f"{name}: starting {spec.qemu_binary} ({spec.name}, {memory_mb} MiB, {accel})")
         started = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        except subprocess.TimeoutExpired:
-            _abort(files, instances.read_pid(files))
-            raise LabError(f"{name}: QEMU did not daemonize within 60 s") from None
-        pid = instances.read_pid(files)
-        if proc.returncode != 0 or pid is None:
-            _abort(files, pid)
-            raise LabError(
-                f"{name}: {spec.qemu_binary} failed to start (exit code {proc.returncode}):\n"
-                f"{(proc.stderr or proc.stdout).strip()}"
-            )
+        if domain_xml is not None:
+            pid = _start_domain(name, libvirt or "", domain_xml, files)
+        else:
+            pid = _start_qemu(name, spec, cmd, files)
         record.update(pid=pid, started_at=started)
         instances.write_record(files, record)
         try:
@@ -305,6 +355,108 @@ def up(
         instances.write_record(files, record)
         say(f"{name}: ready after {record['boot_seconds']} s (pid {pid})")
         return _guest_from_record(record, files)
+
+
+def _start_qemu(name: str, spec: GuestSpec, cmd: list[str], files: LaunchFiles) -> int:
+    """Run the daemonizing QEMU command; its pid once it is in the background."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        _abort(files, instances.read_pid(files))
+        raise LabError(f"{name}: QEMU did not daemonize within 60 s") from None
+    pid = instances.read_pid(files)
+    if proc.returncode != 0 or pid is None:
+        _abort(files, pid)
+        raise LabError(
+            f"{name}: {spec.qemu_binary} failed to start (exit code {proc.returncode}):\n"
+            f"{(proc.stderr or proc.stdout).strip()}"
+        )
+    return pid
+
+
+def _libvirt_conn(uri: str) -> tuple[Any, Any]:
+    """(libvirt module, connection to `uri`), or a LabError saying why not."""
+    from vmishell.errors import SourceError
+    from vmishell.sources.libvirt import _libvirt, _message
+
+    try:
+        libvirt, _ = _libvirt()
+    except SourceError as exc:
+        raise LabError(str(exc)) from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        return libvirt, libvirt.open(uri or None)
+    except libvirt.libvirtError as exc:
+        where = uri or "libvirt's default URI"
+        raise LabError(f"cannot connect to libvirt at {where}: {_message(exc)}") from None
+
+
+def _start_domain(name: str, uri: str, xml: str, files: LaunchFiles) -> int:
+    """Create the transient domain; the pid of its QEMU (also written to the pid file)."""
+    from vmishell.errors import SourceError
+    from vmishell.sources.libvirt import _message, qemu_pid
+
+    libvirt, conn = _libvirt_conn(uri)
+    try:
+        try:
+            domain = conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            instances.remove_files(files)
+            raise LabError(f"{name}: libvirt could not start the domain: {_message(exc)}") from None
+        try:
+            pid = qemu_pid(domain, name)
+        except SourceError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()
+            instances.remove_files(files)
+            raise LabError(str(exc)) from None
+    finally:
+        conn.close()
+    files.pidfile.write_text(f"{pid}\n")
+    return pid
+
+
+def _destroy_domain(record: dict[str, Any]) -> None:
+    """Destroy an instance's libvirt domain (when it still exists)."""
+    try:
+        libvirt, conn = _libvirt_conn(record.get("libvirt_uri") or "")
+    except LabError:
+        return  # the QEMU is then stopped by its pid
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(record["name"]).destroy()
+    finally:
+        conn.close()
+
+
+#: The kernel module that hands the guest's VMCOREINFO to QEMU's `-device vmcoreinfo`.
+FW_CFG_MODULE = "qemu_fw_cfg"
+
+
+def module_archive(image: BuiltGuest, module: str) -> bytes:
+    """An initramfs archive holding /vmi/MODULE.ko from the guest's own kernel package.
+
+    The module is taken from the .deb once and kept beside the image.
+    """
+    cached = image.image_dir / "modules" / f"{module}.ko"
+    try:
+        data = cached.read_bytes()
+    except OSError:
+        suffix = f"/{module}.ko"
+        prefix = f"lib/modules/{image.kernel_release}/"
+        found = deb.extract(
+            image.kernel_deb, lambda n: n.startswith(prefix) and n.endswith(suffix), stop_when=bool
+        )
+        if not found:
+            raise LabError(f"{image.kernel_deb.name} has no {module}.ko") from None
+        data = next(iter(found.values()))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(cached)
+    cpio = Cpio()
+    cpio.add_file(f"vmi/{module}.ko", data)
+    return compress(bytes(cpio))
 
 
 def _profile_note(image: BuiltGuest, say: Progress) -> list[str]:
@@ -382,6 +534,9 @@ def down(name: str, *, grace: float = 5.0) -> list[str]:
         if not instances.leftovers(files):
             raise LabError(f"no lab instance named {name!r}{_running_hint()}")
         pid = instances.read_pid(files)
+        record = instances.read_record(files) or {}
+        if record.get("libvirt_uri") is not None and instances.pid_alive(pid, files.run_dir):
+            _destroy_domain(record)
         how = _stop_qemu(files, pid, grace)
         removed = instances.remove_files(files)
     return [f"{name}: QEMU {how}", *(f"removed {p}" for p in removed)]
@@ -395,7 +550,9 @@ def status(name: str) -> GuestStatus:
     record = instances.read_record(files) or {}
     pid = instances.read_pid(files)
     state = "stale"
-    if instances.pid_alive(pid, files.run_dir):
+    if instances.pid_alive(pid, files.run_dir) and record.get("libvirt_uri") is not None:
+        state = _domain_state(record)
+    elif instances.pid_alive(pid, files.run_dir):
         try:
             with QmpClient(files.qmp, timeout=5.0) as q:
                 state = q.status()
@@ -431,7 +588,9 @@ def list_guests() -> list[GuestStatus]:
     return out
 
 
-DUMP_FORMATS = ("raw", "elf")
+#: kdump-* are makedumpfile's compressed format as QEMU writes it (flattened); which
+#: codecs a QEMU offers depends on its build (Debian 12's 7.2: kdump-zlib only).
+DUMP_FORMATS = ("raw", "elf", "kdump-zlib", "kdump-lzo", "kdump-snappy")
 
 
 def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.0) -> Path:
@@ -439,13 +598,20 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
 
     raw: the RAM file copied while the vCPUs are paused (offset = physical
     address); elf: QEMU's `dump-guest-memory` (paging off) with PT_LOAD
-    segments per RAM block and QEMU/VMCOREINFO notes carrying registers.
+    segments per RAM block and QEMU/VMCOREINFO notes carrying registers;
+    kdump-*: the same in makedumpfile's compressed format.
     """
     if fmt not in DUMP_FORMATS:
-        raise LabError(f"unknown dump format {fmt!r} (use raw or elf)")
+        raise LabError(f"unknown dump format {fmt!r} (use one of {', '.join(DUMP_FORMATS)})")
     guest = attach(name)
     target = Path(path).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    if guest.libvirt_uri is not None and fmt != "raw":
+        _dump_domain(guest, target, fmt)
+        return target
+    if fmt == "raw" and guest.ram_path is None:
+        _dump_process_ram(guest, target)
+        return target
     with guest.qmp(timeout=timeout) as q:
         if fmt == "raw":
             was_running = q.running()
@@ -459,8 +625,82 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
                 if was_running:
                     q.cont()
         else:
-            q.command("dump-guest-memory", paging=False, protocol=f"file:{target}")
+            extra = {} if fmt == "elf" else {"format": fmt}
+            try:
+                q.command("dump-guest-memory", paging=False, protocol=f"file:{target}", **extra)
+            except QmpError as exc:
+                raise LabError(f"QEMU cannot write a {fmt} dump of {name!r}: {exc}") from exc
             result = q.command("query-dump")
             if result.get("status") != "completed":
                 raise LabError(f"dump of {name!r} to {target} did not complete: {result}")
     return target
+
+
+def _dump_process_ram(guest: RunningGuest, target: Path) -> None:
+    """A raw dump of a plain guest: its RAM read from QEMU's process while paused.
+
+    File offset = physical address (RAM above 4 GiB lands past a sparse hole).
+    """
+    from vmishell.errors import VmiError
+    from vmishell.sources.base import PhysicalSource
+    from vmishell.sources.libvirt import open_libvirt
+    from vmishell.sources.qemuproc import open_qmp
+
+    chunk = 16 * MIB
+    try:
+        src: PhysicalSource
+        if guest.libvirt_uri is not None:
+            src = open_libvirt(guest.target.removeprefix("libvirt:"))
+        else:
+            src = open_qmp(guest.qmp_path, pid=guest.pid)
+        with src, src.paused(), target.open("wb") as out:
+            for r in src.ranges():
+                for pos in range(r.start, r.end, chunk):
+                    out.seek(pos)
+                    out.write(src.read(pos, min(chunk, r.end - pos)))
+            out.truncate(src.size)
+    except (VmiError, OSError) as exc:
+        raise LabError(f"raw dump of {guest.name!r} to {target} failed: {exc}") from exc
+
+
+def _dump_domain(guest: RunningGuest, target: Path, fmt: str) -> None:
+    """`virsh dump --memory-only --format FMT` through libvirt's API."""
+    from vmishell.sources.libvirt import _message
+
+    libvirt, conn = _libvirt_conn(guest.libvirt_uri or "")
+    formats = {
+        "elf": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,  # memory-only "raw" is QEMU's ELF
+        "kdump-zlib": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_ZLIB,
+        "kdump-lzo": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_LZO,
+        "kdump-snappy": libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_SNAPPY,
+    }
+    try:
+        domain = conn.lookupByName(guest.name)
+        domain.coreDumpWithFormat(str(target), formats[fmt], libvirt.VIR_DUMP_MEMORY_ONLY)
+    except libvirt.libvirtError as exc:
+        raise LabError(
+            f"libvirt cannot write a {fmt} dump of {guest.name!r}: {_message(exc)}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _domain_state(record: dict[str, Any]) -> str:
+    """libvirt's word for the state of an instance's domain ("running", "paused", ...)."""
+    try:
+        libvirt, conn = _libvirt_conn(record.get("libvirt_uri") or "")
+    except LabError:
+        return "unreachable"
+    names = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    }
+    try:
+        return names.get(conn.lookupByName(record["name"]).state()[0], "unknown")
+    except libvirt.libvirtError:
+        return "unreachable"
+    finally:
+        conn.close()

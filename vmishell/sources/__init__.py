@@ -24,16 +24,22 @@ def open_image(path: str | os.PathLike[str]) -> PhysicalSource:
     p = Path(path)
     try:
         with p.open("rb") as f:
-            magic = f.read(4)
+            magic = f.read(16)
     except FileNotFoundError:
         raise SourceError(f"no such image: {p}") from None
     except OSError as exc:
         raise SourceError(f"cannot open {p}: {exc.strerror}") from None
-    if magic == b"\x7fELF":
+    if magic[:4] == b"\x7fELF":
         from vmishell.sources.elfcore import ElfCoreSource
 
         return ElfCoreSource(p)
-    if magic in (b"EMiL", b"AVML"):  # LiME; AVML's compressed LiME
+    from vmishell.sources.kdump import is_kdump
+
+    if is_kdump(magic):  # makedumpfile's format, plain or flattened (virsh dump, kdump-tools)
+        from vmishell.sources.kdump import KdumpSource
+
+        return KdumpSource(p)
+    if magic[:4] in (b"EMiL", b"AVML"):  # LiME; AVML's compressed LiME
         from vmishell.sources.lime import LimeSource
 
         return LimeSource(p)
