@@ -16,14 +16,10 @@ from dataclasses import dataclass
 
 from vmishell.arch import PagingMode, Translator, mode_from_registers
 from vmishell.errors import GuestDataError, VmiError
-from vmishell.os.linux.kernel import (
-    X86_64_KERNEL_MAP,
-    KernelHints,
-    KernelLocation,
-    _comm_is_swapper,
-    _kernel_phys,
-)
+from vmishell.os.linux.kernel import X86_64_KERNEL_MAP, KernelHints, KernelLocation
 from vmishell.sources.base import PhysicalSource, Registers
+from vmishell.symbols.placement import _comm_is_swapper
+from vmishell.symbols.placement import kernel_phys as _kernel_phys
 from vmishell.symbols.profile import Profile
 
 #: Lines and bytes of VMCOREINFO text looked at (the kernel's is ~3 KiB, 130 lines).
