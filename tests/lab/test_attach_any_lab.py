@@ -57,7 +57,7 @@ def plain() -> Iterator[runner.RunningGuest]:
 
 def assert_is_the_guest(s: Session, truth: GroundTruth) -> None:
     """Processes, the marker's maps and its bytes equal what the guest said of itself."""
-    df = s.processes()
+    df = s.processes(threads=True)
     assert df.error.isna().all(), df[df.error.notna()]
     ours = {row.pid: row for row in df.itertuples()}
     for task in truth.processes:
