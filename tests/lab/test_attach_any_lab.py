@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,17 +43,49 @@ PLAIN_MEMORY_MB = 3072
 
 
 @pytest.fixture(scope="module")
-def plain() -> Iterator[runner.RunningGuest]:
-    name = f"t-{os.getpid()}-plain"
+def boots(
+    request: pytest.FixtureRequest, lab_pool
+) -> Iterator[dict[str, Future[runner.RunningGuest]]]:
+    """Boot this module's guests at once (each boot is ~10 s of TCG), stop them at the end.
+
+    The libvirt domain is booted only when a selected test needs it. The lab pool
+    comes first: it sweeps instances it judges stale, and a domain still being
+    created has no pid yet.
+    """
+    mine = [item for item in request.session.items if item.module is request.module]
+    wanted = {"plain"} if any("plain" in item.fixturenames for item in mine) else set()
+    if any("libvirt_guest" in item.fixturenames for item in mine):
+        wanted.add("virt")
+    options = {"plain": {"plain": True, "memory_mb": PLAIN_MEMORY_MB}, "virt": {}}
+    if "virt" in wanted:
+        try:
+            options["virt"]["libvirt"] = request.getfixturevalue("libvirtd")
+        except pytest.skip.Exception:  # no libvirt here (a failure under CI): qmp: still runs
+            wanted.discard("virt")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {what: pool.submit(runner.up, "x86_64", f"t-{os.getpid()}-{what}",
+                                     vmcoreinfo=True, timeout=300, **options[what])
+                   for what in sorted(wanted)}  # fmt: skip
+        yield futures
+    for future in futures.values():
+        if future.exception() is None:
+            with contextlib.suppress(VmiError):
+                runner.down(future.result().name)
+
+
+def _booted(boots: dict[str, Future[runner.RunningGuest]], what: str) -> runner.RunningGuest:
+    if what not in boots:
+        lab_unavailable(f"x86_64 ({what}): libvirtd is not available")
     try:
-        guest = runner.up(
-            "x86_64", name, plain=True, vmcoreinfo=True, memory_mb=PLAIN_MEMORY_MB, timeout=240
-        )
+        return boots[what].result()
     except VmiError as exc:
-        lab_unavailable(f"x86_64 --plain: {exc}")
+        lab_unavailable(f"x86_64 ({what}): {exc}")
         raise AssertionError("unreachable") from exc
-    yield guest
-    runner.down(name)
+
+
+@pytest.fixture(scope="module")
+def plain(boots) -> runner.RunningGuest:
+    return _booted(boots, "plain")
 
 
 def assert_is_the_guest(s: Session, truth: GroundTruth) -> None:
@@ -243,16 +276,9 @@ def libvirtd() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def libvirt_guest(libvirtd) -> Iterator[runner.RunningGuest]:
+def libvirt_guest(boots) -> runner.RunningGuest:
     """The lab's x86_64 kernel and initramfs as a transient TCG libvirt domain (no RAM file)."""
-    name = f"t-{os.getpid()}-virt"
-    try:
-        guest = runner.up("x86_64", name, libvirt=libvirtd, vmcoreinfo=True, timeout=240)
-    except VmiError as exc:
-        lab_unavailable(f"x86_64 under libvirt: {exc}")
-        raise AssertionError("unreachable") from exc
-    yield guest
-    runner.down(name)
+    return _booted(boots, "virt")
 
 
 def _domain_state(guest: runner.RunningGuest) -> int:

@@ -118,7 +118,8 @@ class GuestStatus:
 
     name: str
     guest: str
-    state: str  # "running", "paused", ... from QMP; "stale" when QEMU is gone
+    #: "running", "paused", ... from QMP; "starting" while `up` runs; "stale" when QEMU is gone
+    state: str
     pid: int | None
     run_dir: str
     ram_path: str
@@ -284,7 +285,9 @@ def up(
             scenario = f"insmod /vmi/{FW_CFG_MODULE}.ko\n".encode() + (scenario or b"")
         if scenario is not None:
             extra += scenario_archive(scenario)
-        if extra:
+        # A libvirt QEMU gets its serial log as a descriptor: the per-instance initrd is
+        # what names the run directory on its command line (see instances.pid_alive).
+        if extra or libvirt is not None:
             files.initrd.write_bytes(image.initramfs.read_bytes() + extra)
             initrd = files.initrd
         cmd = qemu_command(
@@ -336,6 +339,7 @@ def up(
             "manifest": image.manifest,
             "notes": notes,
             "pid": None,
+            "starting": os.getpid(),
         }
         instances.write_record(files, record)
         say(f"{name}: starting {spec.qemu_binary} ({spec.name}, {memory_mb} MiB, {accel})")
@@ -550,7 +554,10 @@ def status(name: str) -> GuestStatus:
     record = instances.read_record(files) or {}
     pid = instances.read_pid(files)
     state = "stale"
-    if instances.pid_alive(pid, files.run_dir) and record.get("libvirt_uri") is not None:
+    starter = record.get("starting")
+    if pid is None and isinstance(starter, int) and instances.pid_alive(starter):
+        state = "starting"  # `up` of another process is still bringing its QEMU up
+    elif instances.pid_alive(pid, files.run_dir) and record.get("libvirt_uri") is not None:
         state = _domain_state(record)
     elif instances.pid_alive(pid, files.run_dir):
         try:
