@@ -220,17 +220,35 @@ def test_a_kernel_booted_nokaslr_is_found_at_its_link_addresses(nokaslr_guest, t
             assert marker.read(truth.marker_va, len(MARKER)) == MARKER
 
 
-@pytest.mark.parametrize("guest_name", ["x86_64-pti", "x86_64"])
-def test_a_process_sees_its_own_rights_with_and_without_pti(lab_guest, guest_name) -> None:
-    """Each present page of the marker translates with the rights its VMA gives,
-    to the frame the guest's pagemap gives. Under PTI (an Intel CPU model the
-    kernel deems open to Meltdown) the kernel's copy of the page tables makes
-    every user page NX: the process runs on the other copy, one page further,
-    and that is the view a process must give."""
-    guest = lab_guest(guest_name)
+@pytest.fixture(scope="module")
+def pti_guest(tmp_path_factory: pytest.TempPathFactory):
+    """The x86_64-pti guest, also running a process with many mappings (one boot for both).
+
+    Booted here, not through the shared pool, because it carries that scenario.
+    """
+    import os
+
+    from tests.conftest import lab_unavailable
+    from tests.support.elf import scenario
+    from vmishell.errors import VmiError
+    from vmishell.lab import runner
+
+    script = tmp_path_factory.mktemp("scenario") / "many-maps.sh"
+    script.write_text(scenario())
+    try:
+        guest = runner.up("x86_64-pti", f"t-{os.getpid()}-pti", init_script=script)
+    except VmiError as exc:
+        lab_unavailable(str(exc))
+    yield guest
+    guest.down()
+
+
+def _rights_match_the_vmas_and_pagemap(guest) -> None:
+    """Each present page of the marker translates with the rights its VMA gives, to the
+    frame the guest's pagemap gives; the kernel's copy of the tables is NX for user
+    pages exactly when the guest says PTI is on."""
     truth = guest.truth()
     pti = truth.meltdown == "Mitigation: PTI"
-    assert pti == (guest_name == "x86_64-pti"), truth.meltdown
     with Session.lab(guest.name) as s:
         assert s.guest.pti == pti
         assert s.guest.cpu.phys_bits == truth.phys_bits
@@ -251,3 +269,35 @@ def test_a_process_sees_its_own_rights_with_and_without_pti(lab_guest, guest_nam
             assert kernel_copy.translate(vaddr).nx == (pti or "x" not in vma.perms), label
             checked.add(vma.perms)
     assert {"r-xp", "rw-p"} <= checked
+
+
+def test_under_pti_a_process_sees_its_own_rights(pti_guest) -> None:
+    """An Intel CPU model the kernel deems open to Meltdown: page-table isolation is on,
+    the kernel's copy makes every user page NX, and the process runs on the other copy,
+    one page further, whose rights are the ones a process must show."""
+    assert pti_guest.truth().meltdown == "Mitigation: PTI"
+    _rights_match_the_vmas_and_pagemap(pti_guest)
+
+
+def test_without_pti_a_process_sees_its_own_rights(x86_64_guest) -> None:
+    assert x86_64_guest.truth().meltdown != "Mitigation: PTI"
+    _rights_match_the_vmas_and_pagemap(x86_64_guest)
+
+
+def test_a_process_with_a_deep_maple_tree_has_every_mapping(pti_guest) -> None:
+    """40 anonymous pages with alternating rights: a tree with internal nodes, whose
+    children are encoded without the root's bit (vmishell lost all these VMAs before)."""
+    from tests.support.elf import MAPPINGS, PREFIX
+    from vmishell.lab.truth import MapLine
+
+    log = pti_guest.serial_log.read_bytes().decode("utf-8", "replace").replace("\r", "")
+    lines = [line.split(PREFIX, 1)[1] for line in log.splitlines() if PREFIX in line]
+    assert lines and lines[-1] == "end", "the scenario did not print its maps"
+    pid = int(lines[0].split()[1])
+    theirs = [MapLine.parse(line[4:]) for line in lines[1:-1]]
+    assert len(theirs) > MAPPINGS
+    with Session.lab(pti_guest.name) as s:
+        ours = s.process(pid).vmas()
+    assert [(v.start, v.end, v.perms, v.path, v.error) for v in ours] == [
+        (m.start, m.end, m.perms, m.path, None) for m in theirs
+    ]
