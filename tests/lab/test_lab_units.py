@@ -187,7 +187,8 @@ def test_private_apt_options_leave_system_state_alone(tmp_path: Path) -> None:
 
 
 def test_catalogue() -> None:
-    assert list(GUESTS) == ["x86_64", "x86_64-la57", "i386-pae", "i386"]
+    assert list(GUESTS) == ["x86_64", "x86_64-la57", "x86_64-pti", "i386-pae", "i386"]
+    assert GUESTS["x86_64-pti"].image_name == "x86_64"
     assert GUESTS["x86_64-la57"].image_name == "x86_64" and "+la57" in GUESTS["x86_64-la57"].cpu
     assert GUESTS["i386"].kernel_package == "linux-image-686"
     assert PLANNED_GUESTS["aarch64"].phys_offset == 0x40000000

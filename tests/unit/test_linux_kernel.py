@@ -132,3 +132,17 @@ def test_the_synthetic_pti_pair_is_what_pti_makes() -> None:
     first = int.from_bytes(k.ram[top : top + 8], "little")
     user = int.from_bytes(k.ram[top + 0x1000 : top + 0x1008], "little")
     assert first & P and first & XD and user & P and not user & XD
+
+
+@pytest.mark.parametrize("layout", ["6.7", "i386-pae"])
+def test_a_vcpu_caught_in_user_mode_under_pti_still_runs_the_kernel(layout: str) -> None:
+    """After a reset, the kernel that runs is the one the vCPU's CR3 maps; a CR3 taken
+    in user mode names the user copy of a PTI pair (x86_64 and i386 PAE alike)."""
+    from vmishell.os.linux.liveness import runs_on_cpu
+
+    k = kernel(layout, pti=True)
+    mm = k.mm()
+    location = locate_kernel(k.source(), k.profile)
+    user_cr3 = mm.space.user_copy.registers()
+    accept = runs_on_cpu(k.source(), k.profile, user_cr3)
+    assert accept is not None and accept(location)

@@ -87,6 +87,21 @@ GUESTS: dict[str, GuestSpec] = {
             image="x86_64",
         ),
         GuestSpec(
+            name="x86_64-pti",
+            arch="x86_64",
+            debian_arch="amd64",
+            kernel_package="linux-image-amd64",
+            qemu_binary="qemu-system-x86_64",
+            qemu_package="qemu-system-x86",
+            machine="q35",
+            # An Intel model the kernel deems vulnerable to Meltdown (qemu64 is AMD):
+            # it turns page-table isolation on, and user pages are NX in the kernel's copy.
+            cpu="Skylake-Client-v4",
+            paging="4-level",
+            description="the x86_64 kernel on an Intel CPU model: page-table isolation (PTI) on",
+            image="x86_64",
+        ),
+        GuestSpec(
             name="i386-pae",
             arch="i386",
             debian_arch="i386",

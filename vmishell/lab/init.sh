@@ -39,6 +39,12 @@ SLEEP_PID=$!
 mkfifo /run/idle.fifo /run/cat.fifo
 cat /run/cat.fifo &
 CAT_PID=$!
+# Two more long-running processes, to be put in states that do not change:
+# stopped and frozen (named apart from the sleeper, which tests look up by name).
+tail -f /dev/null &
+STOPPED_PID=$!
+tail -f /dev/null &
+FROZEN_PID=$!
 
 # --- optional user scenario (copied in by `vmishell lab up --init SCRIPT`) ----
 if [ -e /vmi/scenario ]; then
@@ -48,9 +54,35 @@ fi
 
 sleep {{SETTLE_SECONDS}}
 
+# --- tasks whose state stays put: stopped ("T") and frozen ("D" on 6.1) ----------
+kill -STOP "$STOPPED_PID"
+FREEZER=/sys/fs/cgroup/freezer
+if mount -t tmpfs cgroup /sys/fs/cgroup && mkdir $FREEZER &&
+	mount -t cgroup -o freezer freezer $FREEZER && mkdir $FREEZER/frozen; then
+	echo "$FROZEN_PID" >$FREEZER/frozen/tasks
+	echo FROZEN >$FREEZER/frozen/freezer.state
+	tries=0
+	while read -r frozen <$FREEZER/frozen/freezer.state && [ "$frozen" != FROZEN ] &&
+		[ $tries -lt 50 ]; do
+		sleep 0.1
+		tries=$((tries + 1))
+	done
+fi
+
 # --- the kernel's view of itself ----------------------------------------------
 read -r RELEASE </proc/sys/kernel/osrelease
 vmi uname "$RELEASE" "$(uname -m)"
+while IFS= read -r line; do
+	case "$line" in
+	"address sizes"*)
+		set -- ${line#*: }
+		vmi cpu phys_bits="$1" virt_bits="$4"
+		break
+		;;
+	esac
+done </proc/cpuinfo
+read -r MELTDOWN </sys/devices/system/cpu/vulnerabilities/meltdown &&
+	vmi meltdown "$MELTDOWN"
 read -r CMDLINE </proc/cmdline
 vmi cmdline "$CMDLINE"
 while read -r key value unit; do
@@ -66,12 +98,13 @@ done </proc/iomem
 
 # --- the marker process -------------------------------------------------------
 vmi marker pid="$MARKER_PID" marker_va={{MARKER_VA}} counter_va={{COUNTER_VA}}
-vmi pids sleep="$SLEEP_PID" cat="$CAT_PID"
+vmi pids sleep="$SLEEP_PID" cat="$CAT_PID" stopped="$STOPPED_PID" frozen="$FROZEN_PID"
 MAPS=0
 while IFS= read -r line; do
 	vmi map "$line"
 	MAPS=$((MAPS + 1))
 	case "$line" in
+	*' r-xp '*/bin/vmi-marker) range=${line%% *}; TEXT_VA=$((0x${range%-*})) ;;
 	*'[stack]') range=${line%% *}; STACK_VA=$((0x${range#*-} - 8)) ;;
 	*'[vdso]') range=${line%% *}; VDSO_VA=$((0x${range%-*})) ;;
 	*'[vvar]') range=${line%% *}; VVAR_VA=$((0x${range%-*})) ;;
@@ -90,6 +123,7 @@ pagemap() {
 }
 pagemap marker {{MARKER_VA}}
 pagemap counter {{COUNTER_VA}}
+[ -n "$TEXT_VA" ] && pagemap text "$TEXT_VA"
 [ -n "$STACK_VA" ] && pagemap stack "$STACK_VA"
 [ -n "$VDSO_VA" ] && pagemap vdso "$VDSO_VA"
 [ -n "$VVAR_VA" ] && pagemap vvar "$VVAR_VA"
@@ -107,14 +141,16 @@ for t in /proc/[0-9]*/task/[0-9]*; do
 		Uid:) uid=$value; break ;;
 		esac
 	done <"$t/status"
-	# After the last ") " of stat: state ppid pgrp session tty tpgid flags ...
+	# After the last ") " of stat: state ppid pgrp session tty tpgid flags ...,
+	# field 22 (start time, clock ticks since boot) is the 20th.
 	set -- ${stat##*) }
 	# PF_KTHREAD is 0x00200000 in task flags.
-	printf '@@vmi task %s %s %s %s %s %s %s\n' "${t##*/}" "$tgid" "$2" "$uid" \
-		$((($7 >> 21) & 1)) "$1" "$comm"
+	printf '@@vmi task %s %s %s %s %s %s %s %s\n' "${t##*/}" "$tgid" "$2" "$uid" \
+		$((($7 >> 21) & 1)) "$1" "${20}" "$comm"
 	TASKS=$((TASKS + 1))
 done
-vmi ready tasks=$TASKS maps=$MAPS
+# format=2: task lines carry the start time before the name.
+vmi ready tasks=$TASKS maps=$MAPS format=2
 
 # --- idle forever as pid 1, forking nothing -----------------------------------
 while :; do

@@ -5,8 +5,10 @@ release, kernel symbol addresses, /proc/iomem, the marker process's maps and
 pagemap entries, and every task. Tests compare vmishell's findings from raw
 RAM against this. Each fact is one line `@@vmi KIND FIELDS...`; anything else
 on the console (kernel messages, a user scenario's output) is ignored. The
-closing `@@vmi ready tasks=N maps=M` line carries counts, so a truth line lost
-or mangled on the way is detected instead of silently missing.
+closing `@@vmi ready tasks=N maps=M format=F` line carries counts, so a truth
+line lost or mangled on the way is detected instead of silently missing, and
+the format of the task lines (2: with the start time; logs without `format`
+are 1).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class TruthTask:
     comm: str
     kernel_thread: bool
     state: str = "?"
+    #: /proc/PID/stat field 22: start time in clock ticks (USER_HZ) since boot.
+    start_ticks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,11 @@ class GroundTruth:
     pagemap: dict[int, PagemapEntry]
     pagemap_labels: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    #: Physical and virtual address widths from /proc/cpuinfo ("address sizes").
+    phys_bits: int | None = None
+    virt_bits: int | None = None
+    #: /sys/devices/system/cpu/vulnerabilities/meltdown, e.g. "Mitigation: PTI".
+    meltdown: str | None = None
 
     # -- convenience -------------------------------------------------------------
     def _iomem(self, name: str) -> tuple[int, int] | None:
@@ -213,7 +222,10 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
     labels: dict[str, int] = {}
     pids: dict[str, int] = {}
     marker: dict[str, str] = {}
-    ready: dict[str, str] = {}
+    cpu: dict[str, str] = {}
+    meltdown = None
+    ready = _kv(lines[-1][1].split())
+    with_start = ready.get("format", "1") != "1"
     try:
         for kind, rest in lines:
             fields = rest.split()
@@ -238,9 +250,11 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
                 pagemap[va] = PagemapEntry(raw, raw & _PFN_MASK)
                 labels[fields[0]] = va
             elif kind == "task":
-                tasks.append(_parse_task(rest))
-            elif kind == "ready":
-                ready = _kv(fields)
+                tasks.append(_parse_task(rest, with_start))
+            elif kind == "cpu":
+                cpu = _kv(fields)
+            elif kind == "meltdown":
+                meltdown = rest.strip()
     except (ValueError, IndexError) as exc:
         raise LabError(f"{source}: malformed ground truth line: {exc}") from exc
 
@@ -267,6 +281,9 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
         pagemap=pagemap,
         pagemap_labels=labels,
         pids=pids,
+        phys_bits=int(cpu["phys_bits"]) if cpu.get("phys_bits") else None,
+        virt_bits=int(cpu["virt_bits"]) if cpu.get("virt_bits") else None,
+        meltdown=meltdown,
     )
 
 
@@ -277,10 +294,11 @@ def _parse_iomem(rest: str) -> IomemRange:
     return IomemRange(int(start, 16), int(end, 16), name.strip(), depth)
 
 
-def _parse_task(rest: str) -> TruthTask:
-    # tid tgid ppid uid kthread state comm (comm may contain spaces: it is last)
-    parts = rest.split(" ", 6)
-    if len(parts) < 7:
+def _parse_task(rest: str, with_start: bool) -> TruthTask:
+    # tid tgid ppid uid kthread state [start] comm (comm may contain spaces: it is last)
+    width = 8 if with_start else 7
+    parts = rest.split(" ", width - 1)
+    if len(parts) < width:
         raise ValueError(f"short task line: {rest!r}")
     return TruthTask(
         pid=int(parts[0]),
@@ -289,7 +307,8 @@ def _parse_task(rest: str) -> TruthTask:
         uid=int(parts[3]),
         kernel_thread=parts[4] == "1",
         state=parts[5],
-        comm=parts[6],
+        start_ticks=int(parts[6]) if with_start else None,
+        comm=parts[-1],
     )
 
 

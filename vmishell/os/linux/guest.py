@@ -49,7 +49,13 @@ class LinuxGuest:
             if profile.has_symbol(name)
         )
         self._vmas = VmaWalker(
-            self.reader, self._mm, vma_layout(profile), maple_layout(profile), self.limits, special
+            self.reader,
+            self._mm,
+            vma_layout(profile),
+            maple_layout(profile),
+            self.limits,
+            special,
+            kernel_start=self.location.page_offset,
         )
 
     def symbol(self, name: str) -> int:

@@ -68,6 +68,7 @@ class VmaLayout:
     vm_start: int
     vm_end: int
     vm_next: int | None
+    vm_prev: int | None
     vm_mm: int
     vm_flags: int
     vm_pgoff: int
@@ -93,6 +94,12 @@ class VmaLayout:
 
 @dataclass(frozen=True, slots=True)
 class MapleLayout:
+    """Offsets inside `struct maple_node`, for each node type that holds ranges.
+
+    `*_meta` is the offset of `maple_metadata.end`, the last used slot of a
+    node that is not full (in range_64 nodes it shares the last slot).
+    """
+
     tree_root: int
     tree_flags: int
     node_size: int
@@ -103,6 +110,12 @@ class MapleLayout:
     arange_slots: int
     dense_slot: int
     dense_slots: int
+    range_pivot: int
+    range_pivots: int
+    arange_pivot: int
+    arange_pivots: int
+    range_meta: int
+    arange_meta: int
 
 
 def _array(profile: Profile, struct: str, field: str) -> tuple[int, int]:
@@ -169,6 +182,7 @@ def vma_layout(p: Profile) -> VmaLayout:
         vm_start=p.offset_of("vm_area_struct", "vm_start"),
         vm_end=p.offset_of("vm_area_struct", "vm_end"),
         vm_next=_first_field(p, "vm_area_struct", "vm_next"),
+        vm_prev=_first_field(p, "vm_area_struct", "vm_prev"),
         vm_mm=p.offset_of("vm_area_struct", "vm_mm"),
         vm_flags=p.offset_of("vm_area_struct", "vm_flags"),
         vm_pgoff=p.offset_of("vm_area_struct", "vm_pgoff"),
@@ -202,6 +216,11 @@ def maple_layout(p: Profile) -> MapleLayout | None:
         range_slot, range_slots = _array(p, "maple_range_64", "slot")
         arange_slot, arange_slots = _array(p, "maple_arange_64", "slot")
         dense_slot, dense_slots = _array(p, "maple_node", "slot")
+        range_pivot, range_pivots = _array(p, "maple_range_64", "pivot")
+        arange_pivot, arange_pivots = _array(p, "maple_arange_64", "pivot")
+        end = p.offset_of("maple_metadata", "end")
+        range_meta = p.offset_of("maple_range_64", "meta") + end
+        arange_meta = p.offset_of("maple_arange_64", "meta") + end
     except SymbolNotFound:
         return None
     return MapleLayout(
@@ -215,4 +234,10 @@ def maple_layout(p: Profile) -> MapleLayout | None:
         arange_slots=arange_slots,
         dense_slot=dense_slot,
         dense_slots=dense_slots,
+        range_pivot=mr64 + range_pivot,
+        range_pivots=range_pivots,
+        arange_pivot=ma64 + arange_pivot,
+        arange_pivots=arange_pivots,
+        range_meta=mr64 + range_meta,
+        arange_meta=ma64 + arange_meta,
     )

@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from vmishell.arch import Translator, kernel_dtb
+from vmishell.arch import PagingMode, Translator, kernel_dtb
+from vmishell.arch.registers import PTI_USER_PGD_BIT
 from vmishell.errors import VmiError
 from vmishell.os.linux.kernel import KernelLocation
 from vmishell.sources.base import PhysicalSource, Registers
@@ -95,7 +96,12 @@ def runs_on_cpu(source: PhysicalSource, profile: Profile, regs: Registers) -> Ac
 
     def accept(location: KernelLocation) -> bool:
         want = location.physical(banner)
-        for dtb in {regs.cr3, kernel_dtb(regs.cr3, location.mode)}:
+        # A vCPU caught in user mode under PTI holds the user copy of a pair, one
+        # page after the kernel's: on x86_64 (kernel_dtb) and on i386 PAE too.
+        dtbs = {regs.cr3, kernel_dtb(regs.cr3, location.mode)}
+        if location.mode is PagingMode.PAE:
+            dtbs.add(regs.cr3 & ~PTI_USER_PGD_BIT)
+        for dtb in dtbs:
             try:
                 tr = Translator(source, dtb, location.mode)
                 if tr.translate(location.virtual(banner)).paddr == want:

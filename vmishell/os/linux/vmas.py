@@ -7,20 +7,26 @@ offset, device, inode and path, with [heap], [stack], [vdso] and [vvar] labels.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vmishell.errors import GuestDataError, VmiError
 from vmishell.limits import Limits, TextBudget
 from vmishell.os.linux.layout import MapleLayout, MmLayout, VmaLayout
+from vmishell.os.linux.maple import MAPLE_NODE_MASK, MapleReader
 from vmishell.os.linux.reader import KernelReader, decode_guest_string
+
+__all__ = ["MAPLE_NODE_MASK", "Vma", "VmaWalker"]
 
 VM_READ, VM_WRITE, VM_EXEC, VM_SHARED = 0x1, 0x2, 0x4, 0x8
 
-# include/linux/maple_tree.h
-MAPLE_NODE_MASK = 0xFF
-MAPLE_NODE_TYPE_SHIFT = 3
-MAPLE_NODE_TYPE_MASK = 0x0F
-MAPLE_DENSE, MAPLE_LEAF_64, MAPLE_RANGE_64, MAPLE_ARANGE_64 = 0, 1, 2, 3
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A VMA structure found in the mm, with the range(s) the structure that holds it gives."""
+
+    address: int
+    ranges: list[tuple[int, int]]
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class VmaWalker:
         maple: MapleLayout | None,
         limits: Limits,
         special_mapping_ops: frozenset[int] = frozenset(),
+        kernel_start: int | None = None,
     ) -> None:
         self.r = reader
         self.mm = mm
@@ -70,6 +77,8 @@ class VmaWalker:
         self.maple = maple
         self.limits = limits
         self.special_mapping_ops = special_mapping_ops
+        #: The lowest address a kernel object can have (i386: PAGE_OFFSET).
+        self.kernel_start = kernel_start or default_kernel_start(reader.pointer_size)
 
     # -- finding the VMA structures --------------------------------------------------
     def vma_addresses(self, mm: int) -> list[int]:
@@ -80,141 +89,93 @@ class VmaWalker:
         return found
 
     def find_vmas(self, mm: int) -> tuple[list[int], list[tuple[int, str]]]:
-        """(distinct VMA addresses, [(where, problem)]) of an mm, best effort.
+        """(distinct VMA addresses, [(where, problem)]) of an mm, best effort."""
+        found, problems = self._find(mm)
+        return [f.address for f in found], problems
+
+    def _find(self, mm: int) -> tuple[list[_Found], list[tuple[int, str]]]:
+        """The mm's VMA structures with the ranges they are stored at, and the problems met.
 
         A corrupt node or link costs the entries below it, not the whole map:
         every other part of the structure is still read, and each problem is
         returned with the address where it was met.
         """
-        found: list[int] = []
         problems: list[tuple[int, str]] = []
         if self.mm.mm_mt is not None and self.maple is not None:
-            walk = self._maple_entries(mm + self.mm.mm_mt, problems)
+            walk = self._maple_vmas(mm + self.mm.mm_mt, problems)
         elif self.mm.mmap is not None and self.v.vm_next is not None:
             walk = self._linked_vmas(mm, problems)
         else:
             raise GuestDataError("profile has neither mm_struct.mm_mt nor mm_struct.mmap")
-        seen: set[int] = set()
+        found: dict[int, _Found] = {}
         try:
-            for address in walk:
-                if address in seen:
+            for item in walk:
+                known = found.get(item.address)
+                if known is not None:
                     # One VMA in several slots: decode it once (a crafted tree could
                     # otherwise multiply every VMA's work by its number of slots).
+                    known.ranges.extend(item.ranges)
                     continue
                 if len(found) >= self.limits.max_vmas:
                     problems.append((mm, f"mm {mm:#x} has more than {self.limits.max_vmas} VMAs"))
                     break
-                seen.add(address)
-                found.append(address)
+                found[item.address] = item
         except VmiError as exc:
             problems.append((mm, f"VMAs of mm {mm:#x}: {exc}"))
-        return found, problems
+        return list(found.values()), problems
 
-    def _linked_vmas(self, mm: int, problems: list[tuple[int, str]]) -> Iterator[int]:
+    def _linked_vmas(self, mm: int, problems: list[tuple[int, str]]) -> Iterator[_Found]:
+        """The VMA list before 6.1 (mm->mmap, vm_next), its vm_prev links checked."""
         assert self.mm.mmap is not None and self.v.vm_next is not None
         node = self.r.pointer(mm + self.mm.mmap)
+        before = 0
         seen: set[int] = set()
         while node:
             if node in seen:
                 problems.append((node, f"VMA list of mm {mm:#x} loops at {node:#x}"))
                 return
             seen.add(node)
-            yield node
+            problem = None
+            if self.v.vm_prev is not None:
+                prev = self.r.pointer(node + self.v.vm_prev)
+                if prev != before:
+                    problem = (
+                        f"VMA list of mm {mm:#x}: {node:#x} reached from {before:#x} "
+                        f"but its vm_prev names {prev:#x}"
+                    )
+            # The list gives no range of its own: only the order is checked.
+            yield _Found(node, [], problem)
+            before = node
             node = self.r.pointer(node + self.v.vm_next)
 
-    def _maple_entries(self, tree: int, problems: list[tuple[int, str]]) -> Iterator[int]:
-        """Every entry stored in a maple tree, bounded by depth, node count and a seen-set.
-
-        A node that fails a check (reached twice, wrong parent, unknown type,
-        unreadable) is reported in `problems` and its subtree skipped. The
-        stack holds at most depth x slots entries, so memory stays bounded.
-        """
-        m = self.maple
-        assert m is not None
-        root = self.r.pointer(tree + m.tree_root)
-        if root == 0:
-            return
-        if not _is_node(root):
-            # A tree holding one entry at index 0 keeps it in ma_root itself.
-            yield root
-            return
-        where = f"maple tree at {tree:#x}"
-        seen: set[int] = set()
-        stack = [(root, tree, 1)]
-        while stack:
-            entry, parent, depth = stack.pop()
-            node = entry & ~MAPLE_NODE_MASK
-            if node in seen:
-                problems.append((node, f"{where}: node {node:#x} reached twice"))
-                continue
-            if depth > self.limits.max_tree_depth:
+    def _maple_vmas(self, tree: int, problems: list[tuple[int, str]]) -> Iterator[_Found]:
+        assert self.maple is not None
+        maple = MapleReader(self.r, self.maple, self.limits, self.kernel_start)
+        for entry in maple.entries(tree, problems):
+            if not self._kernel_pointer(entry.value):
                 problems.append(
-                    (node, f"{where}: deeper than {self.limits.max_tree_depth} levels at {node:#x}")
+                    (
+                        entry.value,
+                        f"maple tree at {tree:#x}: slot value {entry.value:#x} "
+                        f"at {entry.first:#x}..{entry.last:#x} is not a VMA pointer"
+                        + (f" ({entry.problem})" if entry.problem else ""),
+                    )
                 )
                 continue
-            seen.add(node)
-            if len(seen) > self.limits.max_tree_nodes:
-                problems.append((node, f"{where}: over {self.limits.max_tree_nodes} nodes"))
-                return
-            try:
-                raw_parent = self.r.pointer(node + m.node_parent)
-                if (raw_parent & ~MAPLE_NODE_MASK) != (parent & ~MAPLE_NODE_MASK):
-                    problems.append(
-                        (
-                            node,
-                            f"{where}: node {node:#x} names parent "
-                            f"{raw_parent & ~MAPLE_NODE_MASK:#x}, "
-                            f"expected {parent & ~MAPLE_NODE_MASK:#x}",
-                        )
-                    )
-                    continue
-                kind = (entry >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK
-                if kind == MAPLE_ARANGE_64:
-                    slots = self._slots(node + m.arange_slot, m.arange_slots)
-                elif kind in (MAPLE_RANGE_64, MAPLE_LEAF_64):
-                    slots = self._slots(node + m.range_slot, m.range_slots)
-                elif kind == MAPLE_DENSE:
-                    slots = self._slots(node + m.dense_slot, m.dense_slots)
-                else:
-                    problems.append((node, f"{where}: node {node:#x} has type {kind}"))
-                    continue
-            except VmiError as exc:
-                problems.append((node, f"{where}: node {node:#x} is unreadable: {exc}"))
-                continue
-            if kind in (MAPLE_LEAF_64, MAPLE_DENSE):
-                # The last slot of a partly filled node holds its metadata, not an entry.
-                yield from (s for s in slots if self._kernel_pointer(s))
-            else:
-                for child in reversed(slots):
-                    if child and self._kernel_pointer(child & ~MAPLE_NODE_MASK):
-                        if not _is_node(child):
-                            problems.append(
-                                (
-                                    node,
-                                    f"{where}: internal node {node:#x} "
-                                    f"holds a non-node slot {child:#x}",
-                                )
-                            )
-                            continue
-                        stack.append((child, node, depth + 1))
+            yield _Found(entry.value, [(entry.first, entry.last)], entry.problem)
 
     def _kernel_pointer(self, value: int) -> bool:
         """Whether a slot value can be a kernel object's address."""
-        if self.r.pointer_size == 8:
-            return value >> 56 == 0xFF and value & 7 == 0  # kernel half, 4- or 5-level
-        return value >= 0xC0000000 and value & 3 == 0
-
-    def _slots(self, address: int, count: int) -> list[int]:
-        size = self.r.pointer_size
-        raw = self.r.read(address, size * count)
-        return [int.from_bytes(raw[i : i + size], "little") for i in range(0, len(raw), size)]
+        return value >= self.kernel_start and value % self.r.pointer_size == 0
 
     # -- decoding ------------------------------------------------------------------
     def vmas(self, mm: int, budget: TextBudget | None = None) -> list[Vma]:
-        """The mm's VMAs sorted by address; stale or foreign entries are dropped.
+        """The mm's VMAs sorted by address, suspect ones marked, never dropped.
 
-        What cannot be decoded is kept as a row with `error` set (start and
-        end 0 when the VMA itself is unreadable), after the good rows, so
+        A VMA that names another mm, whose range is empty or disagrees with
+        the range the tree stores it at, or that overlaps the one before it
+        is a row with `error` set, at the place it claims. What cannot be
+        decoded at all is a row with start and end 0 after the others, so
         one corrupt structure neither hides the rest of the map nor passes
         for a mapping. Files and dentries shared by several VMAs are decoded
         once per call, and the paths' text is charged to `budget`.
@@ -224,11 +185,12 @@ class VmaWalker:
         start_brk = r.pointer(mm + self.mm.start_brk)
         brk = r.pointer(mm + self.mm.brk)
         start_stack = r.pointer(mm + self.mm.start_stack)
-        addresses, problems = self.find_vmas(mm)
+        found, problems = self._find(mm)
         files = _FileCache(self, budget)
-        out: dict[int, Vma] = {}
+        rows: list[Vma] = []
         bad: list[Vma] = [_error_row(where, problem) for where, problem in problems]
-        for address in addresses:
+        for item in found:
+            address = item.address
             try:
                 raw = r.read(address, v.size)
             except VmiError as exc:
@@ -236,12 +198,11 @@ class VmaWalker:
                 continue
             ptr = self._ptr
             start, end = ptr(raw, v.vm_start), ptr(raw, v.vm_end)
-            if ptr(raw, v.vm_mm) != mm or not start < end:
-                continue  # a stale slot: the kernel does not count it either
+            suspect = [item.problem] if item.problem else []
+            suspect += _range_problems(address, mm, ptr(raw, v.vm_mm), start, end, item.ranges)
             flags = ptr(raw, v.vm_flags)
             file = ptr(raw, v.vm_file)
             pgoff = ptr(raw, v.vm_pgoff)
-            error = None
             device, inode, path = "00:00", 0, ""
             offset = 0
             try:
@@ -257,9 +218,11 @@ class VmaWalker:
                 elif start <= start_stack <= end:
                     path = "[stack]"
             except VmiError as exc:
-                error = str(exc)
-            out[start] = Vma(address, start, end, flags, offset, device, inode, path, error)
-        return [out[k] for k in sorted(out)] + bad
+                suspect.append(str(exc))
+            error = "; ".join(suspect) or None
+            rows.append(Vma(address, start, end, flags, offset, device, inode, path, error))
+        rows.sort(key=lambda row: (row.start, row.end, row.address))
+        return _mark_overlaps(rows) + bad
 
     def _is_special(self, raw: bytes) -> bool:
         """Whether a VMA is a named special mapping ([vdso], [vvar])."""
@@ -408,11 +371,42 @@ class _FileCache:
         return path, depth
 
 
+def default_kernel_start(pointer_size: int) -> int:
+    """Where the kernel half starts when the kernel's own layout is not known."""
+    return 0xFF00_0000_0000_0000 if pointer_size == 8 else 0xC000_0000
+
+
+def _range_problems(
+    address: int, mm: int, vm_mm: int, start: int, end: int, ranges: list[tuple[int, int]]
+) -> list[str]:
+    """Why a VMA cannot be trusted as a mapping of `mm` (empty list: it can)."""
+    out = []
+    if vm_mm != mm:
+        out.append(f"VMA at {address:#x} belongs to mm {vm_mm:#x}, not {mm:#x}")
+    if end <= start:
+        out.append(f"VMA at {address:#x} ends at {end:#x}, not after its start {start:#x}")
+    elif ranges and (start, end - 1) not in ranges:
+        where = ", ".join(f"{first:#x}..{last:#x}" for first, last in ranges)
+        out.append(
+            f"VMA at {address:#x} spans {start:#x}..{end - 1:#x} but the tree stores it at {where}"
+        )
+    return out
+
+
+def _mark_overlaps(rows: list[Vma]) -> list[Vma]:
+    """Mark each VMA that starts before the previous good one ends (shown, not dropped)."""
+    out = []
+    reach, owner = -1, 0
+    for row in rows:
+        if row.start < reach:
+            problem = f"overlaps the VMA at {owner:#x}, which ends at {reach:#x}"
+            row = replace(row, error=f"{row.error}; {problem}" if row.error else problem)
+        elif row.error is None:
+            reach, owner = row.end, row.address
+        out.append(row)
+    return out
+
+
 def _error_row(address: int, problem: str) -> Vma:
     """A row for something in a memory map that could not be decoded."""
     return Vma(address, 0, 0, 0, 0, "00:00", 0, "", problem)
-
-
-def _is_node(entry: int) -> bool:
-    """xa_is_node(): maple node pointers end in 0b10 and are above 4096."""
-    return (entry & 3) == 2 and entry > 4096
