@@ -11,16 +11,16 @@ written beside this file, to be committed, with the command that made it.
 
 A case fails when anything but a vmishell error escapes, when it makes more
 than `--work` function calls (its work, counted by the harness's work meter:
-a count, so machine load does not change it), or when its memory passes its
-bound. A watchdog stops a hung case as a failure after `--seconds` of CPU
-time (four times that for traced cases), or four times that of wall-clock
-time for a case that waits instead of computing. Memory is measured per
-case as the growth of the resident set over the case (the kernel's
-high-water mark, reset before each case: cheap, and it sees every
-allocation), and every `--trace-every`-th case also under tracemalloc (the
-Python heap exactly, but 5-40x slower). Workers also run under an
-address-space limit, so a runaway allocation is a recorded MemoryError
-rather than a stalled machine.
+a count, so machine load does not change it), when its memory passes its
+bound, or when it hangs. The hang watchdog fires after `--seconds` of CPU
+time (TRACED_FACTOR times that for a traced case), and after WALL_FACTOR
+times that of wall-clock time for a case that waits instead of computing.
+Memory is measured per case as the growth of the resident set over the case
+(the kernel's high-water mark, reset before each case: cheap, and it sees
+every allocation; bound CASE_RSS_BYTES), and every `--trace-every`-th case
+also under tracemalloc (the Python heap exactly, but 5-40x slower; bound
+CASE_PEAK_BYTES). Workers also run under an address-space limit, so a
+runaway allocation is a recorded MemoryError rather than a stalled machine.
 """
 
 from __future__ import annotations
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(["scripts/fuzz-campaign", *(argv if argv is not None else sys.argv[1:])])
 
+    commit = _commit()  # the code that runs, even if the checkout moves on meanwhile
     with tempfile.TemporaryDirectory(prefix="vmishell-fuzz-") as tmp:
         dump = args.dump or _own_dump(Path(tmp))
         dump_bytes = Path(dump).stat().st_size
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         bound_rss_growth_bytes=CASE_RSS_BYTES,
         dump=str(args.dump) if args.dump else "(own x86_64 lab guest)",
         dump_bytes=dump_bytes,
-        commit=_commit(),
+        commit=commit,
         python=sys.version.split()[0],
         cpus=os.cpu_count(),
         load_average_before=[round(x, 2) for x in load_before],

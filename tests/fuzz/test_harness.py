@@ -10,15 +10,22 @@ alarm, and the same case costs the same work on a quiet and on a loaded CPU.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from . import harness as harness_module
+from .campaign import CASE_RSS_BYTES, REPORT, TRACED_FACTOR
 from .harness import (
+    CASE_CALLS,
+    CASE_PEAK_BYTES,
+    HANG_SECONDS,
     WALL_FACTOR,
     CaseOverWork,
     CaseTimeout,
@@ -27,6 +34,9 @@ from .harness import (
     watchdog,
     work_meter,
 )
+from .test_pipeline_fuzz import EXAMPLE_CALLS
+
+SECURITY = Path(__file__).resolve().parents[2] / "SECURITY.md"
 
 
 def _noop() -> None:
@@ -109,3 +119,39 @@ def test_a_case_costs_the_same_work_on_a_loaded_cpu(harness: Harness) -> None:
         hog.wait()
     assert quiet.failure is None and loaded.failure is None
     assert loaded.work == quiet.work > 10_000
+
+
+# -- what SECURITY.md says -------------------------------------------------------------------
+
+
+def test_security_md_states_the_harness_bounds_as_the_code_has_them() -> None:
+    text = " ".join(SECURITY.read_text().split())
+    assert WALL_FACTOR == 4  # SECURITY.md says "four times"
+    for phrase in (
+        f"at most {CASE_CALLS:,} function calls",
+        f"after {HANG_SECONDS:g} s of CPU time",
+        f"({HANG_SECONDS * TRACED_FACTOR:g} s for a case traced with tracemalloc)",
+        "or four times that of wall-clock time",
+        f"bound {CASE_RSS_BYTES >> 20} MiB",
+        f"bound {CASE_PEAK_BYTES >> 20} MiB of Python heap",
+        f"each example makes at most {EXAMPLE_CALLS:,} function calls",
+        f"({HANG_SECONDS:g} s of CPU time, or {HANG_SECONDS * WALL_FACTOR:g} s of wall-clock time)",
+    ):
+        assert phrase in text, phrase
+
+
+def test_security_md_states_the_figures_of_the_committed_campaign_report() -> None:
+    report = json.loads(REPORT.read_text())
+    text = " ".join(SECURITY.read_text().split())
+    assert report["bound_calls"] == CASE_CALLS and report["watchdog_cpu_seconds"] == HANG_SECONDS
+    assert report["reproduce"] in text and report["workers"] == 1
+    assert f"| cases | {report['cases']:,} |" in text
+    assert re.search(rf"\| failures \([^|]*\) \| {report['failure_count']} \|", text)
+    heavy, rss = report["most_work"][0], report["max_rss_growth"]
+    assert f"{heavy['calls']:,} calls (seed {heavy['seed']}" in text
+    assert f"{rss['bytes'] / 2**20:.1f} MiB (seed {rss['seed']})" in text
+    traced = report["max_traced_peak"]
+    assert f"{traced['bytes'] / 2**20:.2f} MiB (seed {traced['seed']})" in text
+    assert f"({report['traced_cases']} traced cases)" in text
+    steps = ", ".join(f"{k} {v:,}" for k, v in sorted(report["errors_by_step"].items()))
+    assert steps in text
