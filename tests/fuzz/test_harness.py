@@ -96,7 +96,12 @@ def test_a_hanging_case_is_a_failure_named_for_the_watchdog(
 
     monkeypatch.setattr(harness_module, "pipeline", spin)
     outcome = harness.run([], seconds=0.5, memory="none")
-    assert outcome.failure == "timeout: case used more than 0.5 s of CPU"
+    # Which alarm rings first depends on the machine's load (CPU time against wall
+    # clock); either way the hang is a failure that names its watchdog.
+    assert outcome.failure in (
+        "timeout: case used more than 0.5 s of CPU",
+        "timeout: case ran longer than 2.0 s (wall clock)",
+    )
 
 
 @pytest.mark.lab
