@@ -42,7 +42,7 @@ from vmishell.session import Session
 s = Session.attach(sys.argv[1])
 t1 = time.perf_counter()
 attach_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-s.processes()
+s.processes(threads=True)
 t2 = time.perf_counter()
 print(json.dumps({"attach": t1 - t0, "first_ps": t2 - t1, "rss_mb": attach_rss,
                   "rss_with_pandas_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -99,14 +99,14 @@ def main() -> int:
             profile_path = next(p for p in _profiles() if p.name.startswith(s.profile.name))
             n_tasks = len(s.tasks())
             results["vmishell processes() live"] = statistics.median(
-                timed(lambda s=s: s.processes(), args.repeat)
+                timed(lambda s=s: s.processes(threads=True), args.repeat)
             )
             results["vmishell task walk live"] = statistics.median(
                 timed(lambda s=s: s.tasks(), args.repeat)
             )
         with Session.image(dump) as s:
             results["vmishell processes() dump"] = statistics.median(
-                timed(lambda s=s: s.processes(), args.repeat)
+                timed(lambda s=s: s.processes(threads=True), args.repeat)
             )
         attach = []
         for _ in range(args.repeat):
