@@ -207,3 +207,28 @@ def test_overlapping_flattened_records_are_refused(tmp_path: Path) -> None:
     path.write_bytes(bytes(flat))
     with pytest.raises(SourceError, match=r"overlap at 0x7d0.*makedumpfile -R"):
         KdumpSource(path)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flattened"])
+def test_random_damage_to_the_headers_gives_only_vmishell_errors(
+    tmp_path: Path, flat: bool
+) -> None:
+    import random
+
+    pages = _pages()
+    whole = write_kdump(pages, 300)
+    whole = flatten(whole) if flat else whole
+    rng = random.Random(15)
+    path = tmp_path / "damaged.kdump"
+    for _ in range(300):
+        data = bytearray(whole)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(min(len(data), 6 * BS))  # headers, bitmaps, descriptors
+            data[at] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+        try:
+            with KdumpSource(path) as src:
+                for r in src.ranges()[:4]:
+                    src.read_padded(r.start, min(r.size, 4 * BS))
+        except VmiError:
+            pass
