@@ -389,6 +389,8 @@ class Session:
         except VmiError as exc:
             self.events.append(f"VMCOREINFO not used: {exc}")
             return None
+        if location is None:
+            return None
         if accept is not None and not accept(location):
             self.events.append("VMCOREINFO not used: its kernel is not the one the vCPU runs")
             return None

@@ -140,6 +140,11 @@ m[0:16] = b"LOW-RAM-PAGE-000"
 m[8192:8208] = b"HIGH-RAM-PAGE-00"
 print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 for line in sys.stdin:
+    if line.startswith("w "):  # w OFFSET HEX: the "guest" changes its memory
+        _, off, data = line.split()
+        m[int(off):int(off) + len(data) // 2] = bytes.fromhex(data)
+        print("ok", flush=True)
+        continue
     off = int(line)
     print(m[off:off + 16].hex(), flush=True)
 """
@@ -186,6 +191,20 @@ def test_a_read_only_source_refuses_writes_and_a_writable_one_changes_the_proces
     proc.stdin.write(f"{0x2000}\n")
     proc.stdin.flush()
     assert bytes.fromhex(proc.stdout.readline()) == b"WRITTEN-BY-TEST!"
+
+
+def test_small_reads_see_one_snapshot_of_a_page_per_generation(child) -> None:
+    proc, base = child
+    assert proc.stdin is not None and proc.stdout is not None
+    with QemuProcessSource(proc.pid, _layout(base)) as src:
+        assert src.read(0, 8) == b"LOW-RAM-"
+        proc.stdin.write(f"w 0 {b'CHANGED!'.hex()}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok"
+        assert src.read(0, 8) == b"LOW-RAM-"  # the same page, the same call: kept
+        assert src.read(0, 4096)[:8] == b"CHANGED!"  # large reads always go to the process
+        src.refresh()  # what the session does at every top-level call
+        assert src.read(0, 8) == b"CHANGED!"
 
 
 def test_the_end_of_the_process_ends_the_source_with_one_clear_error(child) -> None:

@@ -156,6 +156,17 @@ def _cstr(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
+def _plausible(block_size: int, sub_hdr_size: int, bitmap_blocks: int) -> bool:
+    """Header fields a real dump can have: a power-of-two block, two equal bitmaps."""
+    return (
+        1024 <= block_size <= 1 << 16
+        and not block_size & (block_size - 1)
+        and 0 < sub_hdr_size < 1 << 20
+        and bitmap_blocks > 0
+        and not bitmap_blocks % 2
+    )
+
+
 class KdumpSource(PhysicalSource):
     """A kdump-compressed (makedumpfile) dump, plain or flattened."""
 
@@ -193,19 +204,23 @@ class KdumpSource(PhysicalSource):
         uts = [_cstr(head[12 + 65 * i : 12 + 65 * (i + 1)]) for i in range(6)]
         self.release = uts[2].decode("ascii", "replace")
         self.machine_name = uts[4].decode("ascii", "replace")
-        self.is_64bit = uts[4] in _MACHINES_64
-        # After utsname: a timeval (two longs), then unsigned ints (disk_dump_header).
-        fields_at = 424 if self.is_64bit else 412
-        (_, block_size, sub_hdr_size, bitmap_blocks, max_mapnr32) = struct.unpack_from(
-            "<IiiII", head, fields_at
-        )
-        if block_size <= 0 or block_size & (block_size - 1) or block_size > 1 << 16:
-            raise SourceError(f"{self.path}: implausible block size {block_size}")
-        if sub_hdr_size < 0 or bitmap_blocks <= 0 or bitmap_blocks % 2:
+        # After utsname: a timestamp, then unsigned ints (disk_dump_header). Its width
+        # follows the writer, not the guest (QEMU writes 64-bit headers for i686
+        # guests too), so the layout whose fields make sense is taken.
+        layouts = [(424, True), (412, False)]
+        if uts[4] not in _MACHINES_64:
+            layouts.reverse()
+        for fields_at, wide in layouts:
+            fields = struct.unpack_from("<IiiII", head, fields_at)
+            if _plausible(*fields[1:4]):
+                self.is_64bit = wide
+                break
+        else:
             raise SourceError(
-                f"{self.path}: damaged header (sub-header {sub_hdr_size} blocks, "
-                f"bitmaps {bitmap_blocks} blocks)"
+                f"{self.path}: damaged header (no plausible block size, sub-header and "
+                "bitmap sizes)"
             )
+        (_, block_size, sub_hdr_size, bitmap_blocks, max_mapnr32) = fields
         self.block_size = block_size
         sub = self._file.pread(block_size, 104 if self.is_64bit else 80, "the kdump_sub_header")
         if self.is_64bit:

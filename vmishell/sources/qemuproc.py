@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 
 #: Pieces of RAM a QEMU may report (a DIMM per slot, NUMA nodes): far more than any VM has.
 MAX_RAM_PIECES = 1024
+#: Reads up to this size are served from a page read whole (kept for one generation).
+SMALL_READ = 512
+PAGE_SIZE = 4096
+PAGE_MASK = PAGE_SIZE - 1
+#: Pages kept per generation (16 MiB) before the cache starts over.
+CACHED_PAGES = 4096
 
 _FLAT_LINE = re.compile(
     r"^\s+(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) \(prio -?\d+, (?P<type>[^)]+)\): "
@@ -265,6 +271,9 @@ class QemuProcessSource(PhysicalSource):
         )
         self._ranges = [PhysRange(p.start, p.end) for p in layout.pieces]
         self._range_starts = [p.start for p in layout.pieces]
+        self._range_ends = [p.end for p in layout.pieces]
+        self._pages: dict[int, bytes] = {}
+        self._cached_generation = -1
         self._hvas = list(layout.hvas)
         self._throttle = Throttle()
         self._events: QmpEvents | None = None
@@ -309,14 +318,49 @@ class QemuProcessSource(PhysicalSource):
     def ranges(self) -> Sequence[PhysRange]:
         return self._ranges
 
+    def read(self, paddr: int, size: int) -> bytes:
+        """A read inside one RAM piece goes straight to QEMU's memory (the hot path).
+
+        Small reads are served from whole pages kept for the current generation:
+        a task walk reads many fields of few pages, and each page then costs one
+        system call per top-level call (the session bumps the generation per call).
+        """
+        if self._closed or self._ended is not None:
+            self.check()
+        i = bisect.bisect_right(self._range_starts, paddr) - 1
+        if i < 0 or size <= 0 or paddr + size > self._range_ends[i]:
+            return super().read(paddr, size)
+        offset = paddr - self._range_starts[i]
+        if size <= SMALL_READ:
+            first = paddr & ~PAGE_MASK
+            if (
+                first == (paddr + size - 1) & ~PAGE_MASK
+                and first >= self._range_starts[i]
+                and first + PAGE_SIZE <= self._range_ends[i]
+            ):
+                if self._cached_generation != self._generation:
+                    self._pages.clear()
+                    self._cached_generation = self._generation
+                page = self._pages.get(first)
+                if page is None:
+                    page = self._pread(first, PAGE_SIZE, self._hvas[i] + offset - (paddr - first))
+                    if len(self._pages) >= CACHED_PAGES:
+                        self._pages.clear()
+                    self._pages[first] = page
+                at = paddr - first
+                return page[at : at + size]
+        return self._pread(paddr, size, self._hvas[i] + offset)
+
     def _host(self, paddr: int) -> int:
         i = bisect.bisect_right(self._range_starts, paddr) - 1
         return self._hvas[i] + paddr - self._range_starts[i]
 
     def _read(self, paddr: int, size: int) -> bytes:
+        return self._pread(paddr, size, self._host(paddr))
+
+    def _pread(self, paddr: int, size: int, hva: int) -> bytes:
         # One pread for the whole request: the kernel copies page by page anyway, and a
         # single result object costs less than joining chunks (1.8 GB/s for 16 MiB here).
-        hva = self._host(paddr)
         try:
             data = os.pread(self._fd, size, hva)
             if len(data) == size:
@@ -350,6 +394,7 @@ class QemuProcessSource(PhysicalSource):
         if not self.is_valid(paddr, len(data)):
             raise PhysicalReadError(paddr, len(data), "write outside guest RAM")
         hva = self._host(paddr)
+        self._pages.clear()
         try:
             n = os.pwrite(self._fd, data, hva)
         except OSError as exc:

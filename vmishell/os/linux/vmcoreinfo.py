@@ -85,14 +85,15 @@ def vmcoreinfo_of(source: PhysicalSource) -> VmcoreInfo | None:
 
 def locate_by_vmcoreinfo(
     source: PhysicalSource, profile: Profile, info: VmcoreInfo, regs: Registers | None
-) -> KernelLocation:
+) -> KernelLocation | None:
     """The kernel's placement from VMCOREINFO, checked; GuestDataError says what disagreed.
 
-    x86_64 only: a 32-bit kernel's note has no KERNELOFFSET (the banner search is cheap there).
+    None for a 32-bit kernel, whose note has no KERNELOFFSET (the banner search
+    is cheap there).
     """
     hints = KernelHints.from_profile(profile)
     if hints.arch != "x86_64":
-        raise GuestDataError("VMCOREINFO placement is used for x86_64 kernels only")
+        return None
     slide, phys_base = info.kernel_offset, info.phys_base
     top = info.symbol("init_top_pgt")
     if top is None:
