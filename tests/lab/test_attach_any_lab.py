@@ -143,7 +143,7 @@ def test_ram_above_4_gib_is_found_and_reads_what_qemu_itself_reads(plain, tmp_pa
 
 
 def test_pausing_through_qmp_holds_the_counter_still(plain) -> None:
-    lay = layout(plain.guest.arch)
+    lay = layout(plain.spec.arch)
     with Session.attach(f"qmp:{plain.qmp_path}") as s:
         proc = s.process(plain.truth().marker_pid)
         with s.paused():
