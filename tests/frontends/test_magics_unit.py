@@ -38,6 +38,7 @@ def fake_session(**over) -> SimpleNamespace:
         ),
         symbol=lambda name: 0x1000,
         close=lambda: None,
+        poll=lambda: "running",
     )
     proc = FakeProcess(s)
 
@@ -55,13 +56,17 @@ def fake_session(**over) -> SimpleNamespace:
 @pytest.fixture
 def fake(ip):
     magics = ip.magics_manager.registry["VmiMagics"]
-    previous = magics.attached._current
+    previous, opener = magics.attached._current, magics.attached._open
     session = fake_session()
     magics.attached._open = lambda spec, **kw: session
-    target = magics.attached.attach("fake-target", name="fake")
-    yield session
-    magics.attached.detach(target.name)
-    magics.attached._current = previous if previous in magics.attached.names() else None
+    try:
+        target = magics.attached.attach("fake-target", name="fake")
+        yield session
+        magics.attached.detach(target.name)
+    finally:
+        # The shell is shared by the whole test session: later attaches open real targets.
+        magics.attached._open = opener
+        magics.attached._current = previous if previous in magics.attached.names() else None
 
 
 def test_an_unexpected_exception_is_one_line_and_tb_has_the_rest(cell, fake) -> None:
