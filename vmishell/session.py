@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
-    "lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, libvmi-file:DUMP or an image path"
+    "lab:NAME, qemu:RAMFILE[,QMPSOCKET], xen:NAME, libvmi-xen:NAME, kvm:NAME, "
+    "libvmi-file:DUMP or an image path"
 )
 
 PROCESS_COLUMNS = [
@@ -281,14 +282,20 @@ class Session:
         limits: Limits | None = None,
         writable: bool = False,
     ) -> Session:
-        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
-        `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), an image path, or a bare
-        lab instance name. Schemes of other packages come from `vmishell.schemes`."""
+        """Attach by one string: `lab:NAME`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`
+        (from dom0, through Xen's own libraries), `libvmi-xen:NAME|ID`, `kvm:NAME`,
+        `libvmi-file:DUMP` (through LibVMI), an image path, or a bare lab instance
+        name. Schemes of other packages come from `vmishell.schemes`."""
         text = os.fspath(target)
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
             return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
-        for prefix, mode in (("xen:", "xen"), ("kvm:", "kvm"), ("libvmi-file:", "file")):
+        if text.startswith("xen:"):
+            from vmishell.sources.xen import XenDomainSource
+
+            source = XenDomainSource(text[4:], writable=writable)
+            return cls(source, profile, limits=limits, name=text)
+        for prefix, mode in (("libvmi-xen:", "xen"), ("kvm:", "kvm"), ("libvmi-file:", "file")):
             if text.startswith(prefix):
                 from vmishell.sources.libvmi import LibvmiSource
 
@@ -307,7 +314,7 @@ class Session:
                 raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
         if colon and scheme.isidentifier():
-            kinds = ", ".join(["qemu", "xen", "kvm", "libvmi-file", *schemes.known()])
+            kinds = ", ".join(["qemu", "xen", "libvmi-xen", "kvm", "libvmi-file", *schemes.known()])
             raise SourceError(f"{text!r}: no target kind {scheme!r} and no such file ({kinds})")
         open_lab = schemes.opener("lab")
         if open_lab is not None:

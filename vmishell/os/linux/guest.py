@@ -13,6 +13,7 @@ from vmishell.os.linux.reader import KernelReader, decode_guest_string
 from vmishell.os.linux.tasks import Task, TaskWalker
 from vmishell.os.linux.vmas import Vma, VmaWalker
 from vmishell.sources.base import PhysicalSource
+from vmishell.sources.framespace import walk_source
 from vmishell.symbols.profile import Profile
 
 #: x86_64 with page-table isolation keeps a process's user-mode PGD one page
@@ -86,9 +87,16 @@ class LinuxGuest:
         return self.pgd_physical(task.mm)
 
     def translator(self, dtb: int) -> Translator:
-        """A translator for one address space, with the session's mapping-work cap."""
+        """A translator for one address space, with the session's mapping-work cap.
+
+        `dtb` and the translations are in the space page tables address (see
+        `vmishell.sources.framespace`): machine addresses for a Xen PV guest.
+        """
         return Translator(
-            self.source, dtb, self.location.mode, max_mapping_work=self.limits.max_mapping_work
+            walk_source(self.source),
+            dtb,
+            self.location.mode,
+            max_mapping_work=self.limits.max_mapping_work,
         )
 
     def address_space(self, dtb: int) -> AddressSpace:

@@ -18,6 +18,7 @@ from vmishell.arch import AddressSpace, PagingMode, Translator, mode_from_regist
 from vmishell.errors import GuestDataError, ProfileError, VmiError
 from vmishell.limits import Limits
 from vmishell.sources.base import PhysicalSource, Registers
+from vmishell.sources.framespace import to_walk, walk_source
 from vmishell.symbols.profile import Profile
 
 #: Where x86_64 links the kernel image (__START_KERNEL_map).
@@ -231,13 +232,19 @@ def locate_kernel(
         mode = _paging_mode(source, profile, arch, shift, regs)
         dtb = _dtb(profile, arch, shift)
         banner_paddr = _kernel_phys(arch, banner_link, shift)
-        translator = Translator(source, dtb, mode)
+        try:  # in the space page tables address (machine frames for a Xen PV guest)
+            dtb = to_walk(source, dtb)
+            banner_walk = to_walk(source, banner_paddr)
+        except VmiError as exc:
+            problems.append(f"physical shift {shift:#x}: {exc}")
+            continue
+        translator = Translator(walk_source(source), dtb, mode)
         if arch == "x86_64":
-            vshift = _virtual_shift(translator, banner_link, banner_paddr)
+            vshift = _virtual_shift(translator, banner_link, banner_walk)
         else:
             vshift = shift
             try:
-                if translator.translate(banner_link + vshift).paddr != banner_paddr:
+                if translator.translate(banner_link + vshift).paddr != banner_walk:
                     vshift = None
             except VmiError:
                 vshift = None
@@ -256,4 +263,4 @@ def locate_kernel(
 
 
 def kernel_space(source: PhysicalSource, location: KernelLocation) -> AddressSpace:
-    return AddressSpace(Translator(source, location.dtb, location.mode))
+    return AddressSpace(Translator(walk_source(source), location.dtb, location.mode))

@@ -23,6 +23,7 @@ from vmishell.arch import Translator, kernel_dtb
 from vmishell.errors import VmiError
 from vmishell.os.linux.kernel import KernelLocation
 from vmishell.sources.base import PhysicalSource, Registers
+from vmishell.sources.framespace import to_walk, walk_source
 from vmishell.symbols.profile import Profile
 
 #: Seconds between two looks at the tick counter during top-level calls.
@@ -94,10 +95,13 @@ def runs_on_cpu(source: PhysicalSource, profile: Profile, regs: Registers) -> Ac
     banner = profile.symbol_address("linux_banner")
 
     def accept(location: KernelLocation) -> bool:
-        want = location.physical(banner)
+        try:
+            want = to_walk(source, location.physical(banner))
+        except VmiError:
+            return False
         for dtb in {regs.cr3, kernel_dtb(regs.cr3, location.mode)}:
             try:
-                tr = Translator(source, dtb, location.mode)
+                tr = Translator(walk_source(source), dtb, location.mode)
                 if tr.translate(location.virtual(banner)).paddr == want:
                     return True
             except VmiError:
