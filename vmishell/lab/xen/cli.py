@@ -84,8 +84,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    if "--" in argv:  # options given after NAME land in the command's remainder
+        cut = argv.index("--")
+        argparse_options, argv = argv[:cut], argv[cut + 1 :]
+        _exec_options().parse_args(argparse_options, namespace=args)
     if not argv:
         print("vmishell lab exec: give a command after --", file=sys.stderr)
         return 2
@@ -140,13 +142,23 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_exec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    p.add_argument("--stdin", action="store_true", help="pass this command's stdin along")
+
+
+def _exec_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmishell lab exec NAME", add_help=False)
+    _add_exec_options(p)
+    return p
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `lab exec` and the `lab xen` family to `vmishell lab`."""
     p = sub.add_parser("exec", help="run a command in a Xen lab host's dom0")
     p.add_argument("name", help="the Xen host instance (see `vmishell lab list`)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--stdin", action="store_true", help="pass this command's stdin along")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="[OPTIONS] -- COMMAND [ARG...]")
+    _add_exec_options(p)
     p.set_defaults(func=cmd_exec)
 
     xen = sub.add_parser("xen", help="DomUs of a Xen lab host")

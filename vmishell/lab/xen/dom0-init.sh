@@ -70,6 +70,9 @@ for v in VMISHELL_CACHE VMISHELL_PROFILE_PATH XDG_CACHE_HOME; do
 done
 export HOME="${VMI_HOME:-/root}" PYTHONPATH="${VMI_PYTHONPATH:-}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 IPYTHONDIR=/tmp/ipython MPLCONFIGDIR=/tmp
+# The host's root is mounted cache=loose (fast lookups): forget what was
+# cached so that code changed on the host since the last run is what runs.
+echo 3 >/proc/sys/vm/drop_caches
 if [ -n "${VMI_LOADER:-}" ]; then
 	exec "$VMI_LOADER" --library-path "$VMI_LIBRARY_PATH:/usr/lib/x86_64-linux-gnu" "$VMI_PYTHON" "$@"
 fi

@@ -234,6 +234,10 @@ def create(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise LabError(f"DomU names repeat: {names}")
+    running = domids(host)
+    clash = [n for n in names if n in running]
+    if clash:
+        raise LabError(f"domains named {', '.join(clash)} already run on {host.name}")
     d = _domus_dir(host)
     started = time.time()
     domus = []
@@ -261,13 +265,24 @@ def create(
     if failed:
         raise LabError("\n".join(failed))
     if wait:
-        for domu in domus:
-            text = ready_text if domu.spec.lab_guest is None else "@@vmi ready"
-            if text is not None:
-                limit = timeout if timeout is not None else READY_TIMEOUT[domu.spec.type]
-                _wait_ready(host, domu, text, started + limit)
-                _save(host, domu)
+        wait_ready(host, domus, ready_text=ready_text, timeout=timeout)
     return domus
+
+
+def wait_ready(
+    host: XenHost,
+    domus: Sequence[Domu],
+    *,
+    ready_text: str | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Wait until each DomU printed its ready line (see `create`), noting how long it took."""
+    for domu in domus:
+        text = ready_text if domu.spec.lab_guest is None else "@@vmi ready"
+        if text is not None and domu.ready_seconds is None:
+            limit = timeout if timeout is not None else READY_TIMEOUT[domu.spec.type]
+            _wait_ready(host, domu, text, domu.created_at + limit)
+            _save(host, domu)
 
 
 def _wait_ready(host: XenHost, domu: Domu, text: str, deadline: float) -> None:

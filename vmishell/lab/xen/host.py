@@ -102,6 +102,22 @@ class XenHost:
             shell_command(["vmishell-python", "-", *args]), stdin=code.encode(), timeout=timeout
         )
 
+    def report(self, domus: list[str], *options: str, timeout: float = 900.0) -> dict[str, Any]:
+        """What vmishell in dom0 sees of these DomUs (see `vmishell.lab.xen.report`)."""
+        from vmishell.lab.xen.agent import shell_command
+        from vmishell.lab.xen.report import parse
+
+        argv = ["vmishell-python", "-m", "vmishell.lab.xen.report", *domus, *options]
+        cmd = shell_command(argv)
+        result = self.exec(cmd, timeout=timeout)
+        try:
+            return parse(result.text)
+        except ValueError:
+            result.check()
+            raise LabError(
+                "dom0 printed no report:\n" + result.stderr.decode("utf-8", "replace")[-3000:]
+            ) from None
+
     @property
     def cpus(self) -> int:
         return int(self.record.get("cpus", DEFAULT_CPUS))
