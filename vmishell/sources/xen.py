@@ -374,9 +374,11 @@ def survey(frames: FrameCache, nr_gpfns: int, chunk: int = SURVEY_CHUNK) -> list
     """The populated ranges of an HVM or PVH guest's frame space.
 
     Looks at the first frame of every `chunk`-frame block in one batch, then
-    maps in full the first block and every block where the answer changes
-    (the VGA hole, the end of low memory, the special pages below 4 GiB),
-    so a few batches cover gigabytes.
+    maps in full the first block (the VGA hole) and the blocks on both sides
+    of every change (the ends of RAM), so a few batches cover gigabytes.
+    Runs that hold a block's first frame are found with exact edges; a few
+    frames alone inside an otherwise empty block (Xen's special pages, not
+    RAM) are not, and a read there fails per frame as any unmapped one does.
     """
     firsts = list(range(0, nr_gpfns, chunk))
     heads = frames.probe(firsts) if firsts else []
