@@ -42,6 +42,10 @@ OWN_DIRS = (
     "usr", "var", "vmi",
 )  # fmt: skip
 _MERGED = {"lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/sbin"}
+#: Unversioned names of libraries that programs open with dlopen by that name
+#: (LibVMI's Xen driver asks for libxenstore.so), as the -dev packages would link them.
+DEV_LINKS = ("libxenstore.so", "libxenctrl.so")
+_LIBDIR = "usr/lib/x86_64-linux-gnu"
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 
@@ -195,6 +199,11 @@ def dom0_archive(
     cpio.add_symlink("var/run", "/run")
     cpio.add_file("bin/busybox", busybox, 0o755)
     cpio.add_symlink("bin/sh", "busybox")
+    for link in DEV_LINKS:
+        versions = sorted(p for p in files if p.startswith(f"{_LIBDIR}/{link}."))
+        if versions and f"{_LIBDIR}/{link}" not in files:
+            target = versions[0].rsplit("/", 1)[1]
+            files[f"{_LIBDIR}/{link}"] = Member(f"{_LIBDIR}/{link}", 0o777, target=target)
     for path in sorted(files):
         m = files[path]
         if m.target is not None:

@@ -88,7 +88,7 @@ def build_xen_image(
 
 
 def _recipe() -> str:
-    return f"{packages.recipe()}:{','.join(dom0fs.DOM0_MODULES)}"
+    return f"{packages.recipe()}:{','.join(dom0fs.DOM0_MODULES)}:{','.join(dom0fs.DEV_LINKS)}"
 
 
 def _load(image_dir: Path) -> dict[str, Any] | None:
