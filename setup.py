@@ -14,7 +14,7 @@ setup(
     packages=[*find_packages(include=["vmishell", "vmishell.*"]), "vmishell.profiles"],
     package_dir={"vmishell.profiles": "profiles"},
     package_data={
-        "vmishell": ["py.typed", "lab/*.sh"],
+        "vmishell": ["py.typed", "lab/*.sh", "lab/xen/*.sh"],
         "vmishell.profiles": ["*.json", "*.json.xz", "*.json.gz", "README.md"],
     },
 )

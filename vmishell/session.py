@@ -66,7 +66,8 @@ if TYPE_CHECKING:
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
-    "lab:NAME, qmp:SOCKET, libvirt:NAME[@URI], qemu:RAMFILE[,QMPSOCKET], xen:NAME, kvm:NAME, "
+    "lab:NAME, qmp:SOCKET, libvirt:NAME[@URI], qemu:RAMFILE[,QMPSOCKET], xen:NAME, "
+    "libvmi-xen:NAME, kvm:NAME, "
     "libvmi-file:DUMP or an image path"
 )
 
@@ -293,9 +294,10 @@ class Session:
         writable: bool = False,
     ) -> Session:
         """Attach by one string: `lab:NAME`, `qmp:SOCKET` (any running QEMU),
-        `libvirt:NAME[@URI]`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID`,
-        `kvm:NAME`, `libvmi-file:DUMP` (through LibVMI), an image path, or a bare
-        lab instance name. Schemes of other packages come from `vmishell.schemes`."""
+        `libvirt:NAME[@URI]`, `qemu:RAMFILE[,QMPSOCKET]`, `xen:NAME|ID` (from dom0,
+        through Xen's own libraries), `libvmi-xen:NAME|ID`, `kvm:NAME`,
+        `libvmi-file:DUMP` (through LibVMI), an image path, or a bare lab instance
+        name. Schemes of other packages come from `vmishell.schemes`."""
         text = os.fspath(target)
         if text.startswith("qmp:"):
             from vmishell.sources.qemuproc import open_qmp
@@ -309,7 +311,12 @@ class Session:
         if text.startswith("qemu:"):
             ram, _, qmp = text[5:].partition(",")
             return cls.qemu(ram, qmp or None, profile=profile, limits=limits, writable=writable)
-        for prefix, mode in (("xen:", "xen"), ("kvm:", "kvm"), ("libvmi-file:", "file")):
+        if text.startswith("xen:"):
+            from vmishell.sources.xen import XenDomainSource
+
+            source = XenDomainSource(text[4:], writable=writable)
+            return cls(source, profile, limits=limits, name=text)
+        for prefix, mode in (("libvmi-xen:", "xen"), ("kvm:", "kvm"), ("libvmi-file:", "file")):
             if text.startswith(prefix):
                 from vmishell.sources.libvmi import LibvmiSource
 
@@ -328,9 +335,8 @@ class Session:
                 raise SourceError(f"{text}: memory images are opened read-only")
             return cls.image(text, profile=profile, limits=limits)
         if colon and scheme.isidentifier():
-            kinds = ", ".join(
-                ["qemu", "qmp", "libvirt", "xen", "kvm", "libvmi-file", *schemes.known()]
-            )
+            builtin = ["qemu", "qmp", "libvirt", "xen", "libvmi-xen", "kvm", "libvmi-file"]
+            kinds = ", ".join([*builtin, *schemes.known()])
             raise SourceError(f"{text!r}: no target kind {scheme!r} and no such file ({kinds})")
         open_lab = schemes.opener("lab")
         if open_lab is not None:

@@ -36,10 +36,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    if args.guest == "xen":
+        from vmishell.lab.xen.cli import cmd_up
+
+        return cmd_up(args)
     guest = runner.up(
         args.guest,
         args.name,
-        memory_mb=args.memory,
+        memory_mb=args.memory or DEFAULT_MEMORY_MB,
         init_script=args.init,
         accel=args.accel,
         timeout=args.timeout,
@@ -127,9 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("up", help="boot a guest in the background and wait until ready")
-    p.add_argument("guest", choices=list(GUESTS))
+    p.add_argument("guest", choices=[*GUESTS, "xen"], help="a lab guest, or xen: a Xen host")
     p.add_argument("--name", help="instance name (default: the guest's name)")
-    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, metavar="MB")
+    p.add_argument("--memory", type=int, metavar="MB", help=f"default {DEFAULT_MEMORY_MB}")
     p.add_argument(
         "--init",
         type=Path,
@@ -167,6 +171,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the guest as a transient libvirt domain (at URI, default libvirt's own); "
         "attach with lab:NAME or libvirt:NAME",
     )
+    from vmishell.lab.xen import cli as xen_cli
+
+    xen_cli.add_up_options(p)
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("down", help="stop an instance and remove its files")
@@ -191,3 +198,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("truth", help="print the guest's ground truth as JSON")
     p.add_argument("name")
     p.set_defaults(func=_cmd_truth)
+
+    xen_cli.register(sub)

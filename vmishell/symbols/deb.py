@@ -135,6 +135,16 @@ def _tarball(
         raise PackageError(f"{path}: corrupt or truncated package data: {exc}") from exc
 
 
+def data_entries(
+    path: Path,
+) -> contextlib.AbstractContextManager[Iterator[tuple[str, tarfile.TarInfo, tarfile.TarFile]]]:
+    """(normalised name, info, tar) of each entry of the package's data tarball, streamed.
+
+    For callers that need more than file contents (symlinks, modes), e.g. a root filesystem.
+    """
+    return _tarball(path, "data")
+
+
 def _corrupt_data_errors() -> tuple[type[Exception], ...]:
     """What the decompressors and tarfile raise on damaged data."""
     import zstandard

@@ -15,6 +15,7 @@ from vmishell.os.linux.reader import KernelReader, decode_guest_string
 from vmishell.os.linux.tasks import Task, TaskWalker
 from vmishell.os.linux.vmas import Vma, VmaWalker
 from vmishell.sources.base import PhysicalSource
+from vmishell.sources.framespace import walk_source
 from vmishell.symbols.profile import Profile
 
 #: Paging modes in which Linux allocates a process's top-level table as a PTI pair
@@ -113,9 +114,13 @@ class LinuxGuest:
         return user
 
     def translator(self, dtb: int) -> Translator:
-        """A translator for one address space: the kernel's MAXPHYADDR, the session's caps."""
+        """A translator for one address space: the kernel's MAXPHYADDR, the session's caps.
+
+        `dtb` and the translations are in the space page tables address (see
+        `vmishell.sources.framespace`): machine addresses for a Xen PV guest.
+        """
         return Translator(
-            self.source,
+            walk_source(self.source),
             dtb,
             self.location.mode,
             maxphyaddr=self.cpu.maxphyaddr,

@@ -18,6 +18,7 @@ from vmishell.arch import AddressSpace, PagingMode, Translator, mode_from_regist
 from vmishell.errors import GuestDataError, ProfileError, VmiError
 from vmishell.limits import Limits
 from vmishell.sources.base import PhysicalSource, Registers
+from vmishell.sources.framespace import to_walk, walk_source
 from vmishell.symbols.placement import (
     I386_PAGE_OFFSET,
     KASLR_ALIGN,
@@ -144,7 +145,11 @@ def _maps(translator: Translator, vaddr: int, paddr: int) -> bool:
 
 
 def _i386_page_offset(
-    profile: Profile, translator: Translator, banner_paddr: int, init_task_paddr: int
+    profile: Profile,
+    translator: Translator,
+    banner_paddr: int,
+    init_task_paddr: int,
+    in_walk: Callable[[int], int] = lambda paddr: paddr,
 ) -> int | None:
     """The i386 kernel's PAGE_OFFSET, which its page tables confirm.
 
@@ -154,12 +159,14 @@ def _i386_page_offset(
     the kernel image included, is mapped at physical + PAGE_OFFSET, so the
     one candidate under which both linux_banner and init_task land where
     they were found is it. A VMSPLIT choice or a custom CONFIG_PAGE_OFFSET
-    is read, never assumed.
+    is read, never assumed. `in_walk` gives a physical address in the space the
+    translator's results are in (machine addresses for a Xen PV guest).
     """
+    banner_walk, init_task_walk = in_walk(banner_paddr), in_walk(init_task_paddr)
 
     def confirmed(offset: int) -> bool:
-        return _maps(translator, banner_paddr + offset, banner_paddr) and _maps(
-            translator, init_task_paddr + offset, init_task_paddr
+        return _maps(translator, banner_paddr + offset, banner_walk) and _maps(
+            translator, init_task_paddr + offset, init_task_walk
         )
 
     if profile.has_symbol("phys_startup_32") and profile.has_symbol("startup_32"):
@@ -203,13 +210,28 @@ def locate_kernel(
         mode = _paging_mode(source, profile, arch, shift, regs)
         dtb = _dtb(profile, arch, shift)
         banner_paddr = _kernel_phys(arch, banner_link, shift)
-        translator = Translator(source, dtb, mode)
+        try:  # in the space page tables address (machine frames for a Xen PV guest)
+            dtb = to_walk(source, dtb)
+            banner_walk = to_walk(source, banner_paddr)
+        except VmiError as exc:
+            problems.append(f"physical shift {shift:#x}: {exc}")
+            continue
+        translator = Translator(walk_source(source), dtb, mode)
         link_base = _link_base(arch)
         if arch == "x86_64":
-            vshift = _virtual_shift(translator, banner_link, banner_paddr)
+            vshift = _virtual_shift(translator, banner_link, banner_walk)
         else:
             init_task_paddr = _kernel_phys(arch, hints.init_task, shift)
-            offset = _i386_page_offset(profile, translator, banner_paddr, init_task_paddr)
+            try:
+                offset = _i386_page_offset(
+                    profile,
+                    translator,
+                    banner_paddr,
+                    init_task_paddr,
+                    lambda paddr: to_walk(source, paddr),
+                )
+            except VmiError:
+                offset = None
             if offset is None:
                 vshift = None
             else:
@@ -233,4 +255,4 @@ def locate_kernel(
 
 
 def kernel_space(source: PhysicalSource, location: KernelLocation) -> AddressSpace:
-    return AddressSpace(Translator(source, location.dtb, location.mode))
+    return AddressSpace(Translator(walk_source(source), location.dtb, location.mode))

@@ -24,6 +24,7 @@ from vmishell.arch.registers import PTI_USER_PGD_BIT
 from vmishell.errors import VmiError
 from vmishell.os.linux.kernel import KernelLocation
 from vmishell.sources.base import PhysicalSource, Registers
+from vmishell.sources.framespace import to_walk, walk_source
 from vmishell.symbols.profile import Profile
 
 #: Seconds between two looks at the tick counter during top-level calls.
@@ -95,7 +96,10 @@ def runs_on_cpu(source: PhysicalSource, profile: Profile, regs: Registers) -> Ac
     banner = profile.symbol_address("linux_banner")
 
     def accept(location: KernelLocation) -> bool:
-        want = location.physical(banner)
+        try:
+            want = to_walk(source, location.physical(banner))
+        except VmiError:
+            return False
         # A vCPU caught in user mode under PTI holds the user copy of a pair, one
         # page after the kernel's: on x86_64 (kernel_dtb) and on i386 PAE too.
         dtbs = {regs.cr3, kernel_dtb(regs.cr3, location.mode)}
@@ -103,7 +107,7 @@ def runs_on_cpu(source: PhysicalSource, profile: Profile, regs: Registers) -> Ac
             dtbs.add(regs.cr3 & ~PTI_USER_PGD_BIT)
         for dtb in dtbs:
             try:
-                tr = Translator(source, dtb, location.mode)
+                tr = Translator(walk_source(source), dtb, location.mode)
                 if tr.translate(location.virtual(banner)).paddr == want:
                     return True
             except VmiError:
