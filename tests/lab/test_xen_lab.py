@@ -95,6 +95,7 @@ def xen(tmp_path_factory: pytest.TempPathFactory):
         )  # fmt: skip
         report = host.report(DOMUS, "--wait", "600", "--bad-input", "--end", USER_DOMU)
         waiting.join(timeout=600)
+        domu.wait_ready(host, domus)  # what the thread did not see, with its error if any
         for d in domus:
             timings[d.name] = domu.get(host, d.name).ready_seconds
         timings[USER_DOMU] = domu.get(host, USER_DOMU).ready_seconds

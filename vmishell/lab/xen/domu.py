@@ -41,7 +41,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 
 #: The lab's DomUs: name -> (lab guest whose kernel and initramfs it boots, type).
 #: Debian's 686-pae kernel has no Xen PV support (Linux removed 32-bit PV guests
-#: in 5.9), so the 32-bit PAE guest runs as PVH and HVM.
+#: in 5.9), so the 32-bit PAE guest runs as PVH and HVM. Under QEMU TCG (this lab's
+#: host) neither gets past its first intercepted instruction: the PVH kernel's cpuid
+#: and the HVM kernel's EFER access never retire, with or without NRIP. They are
+#: kept for Xen hosts on hardware; the tests use the 64-bit DomUs.
 LAB_DOMUS: dict[str, tuple[str, str]] = {
     "pv64": ("x86_64", "pv"),
     "pvh64": ("x86_64", "pvh"),
@@ -295,7 +298,11 @@ def _wait_ready(host: XenHost, domu: Domu, text: str, deadline: float) -> None:
             return
         if time.time() >= next_check:
             next_check = time.time() + 5
-            if domu.name not in domids(host):
+            try:
+                running = domids(host)
+            except LabError:  # dom0 too busy to answer now: the console still tells
+                continue
+            if domu.name not in running:
                 raise LabError(
                     f"DomU {domu.name} ({domu.spec.type}) ended while booting\n"
                     f"--- last lines of its console ---\n{_tail(console)}"
