@@ -68,6 +68,9 @@ def start_lab(base: Path, *, widgets: bool = True, env: dict[str, str] | None = 
     (config / "labconfig" / "page_config.json").write_text(
         json.dumps({"disabledExtensions": disabled})
     )
+    news = base / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True, exist_ok=True)  # no "get notified about Jupyter news?" toast
+    (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
     port, token = _free_port(), os.urandom(12).hex()
     run_env = {
         **os.environ,
