@@ -52,9 +52,19 @@ class Lab:
     root: Path
     process: subprocess.Popen
     log: Path
+    env: dict[str, str]
 
     def notebook_url(self, name: str) -> str:
         return f"{self.url}lab/tree/{name}?token={self.token}&reset"
+
+    def trust(self, name: str) -> None:
+        """Sign a notebook as this server's user would by saving it (outputs become trusted)."""
+        subprocess.run(
+            [sys.executable, "-m", "jupyter", "trust", str(self.root / name)],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
 
 
 def start_lab(base: Path, *, widgets: bool = True, env: dict[str, str] | None = None) -> Lab:
@@ -78,6 +88,7 @@ def start_lab(base: Path, *, widgets: bool = True, env: dict[str, str] | None = 
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "JUPYTER_CONFIG_DIR": str(config),
         "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
+        "JUPYTER_DATA_DIR": str(base / "data"),  # its own notebook-signing key (trust)
         "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
     }
@@ -100,7 +111,7 @@ def start_lab(base: Path, *, widgets: bool = True, env: dict[str, str] | None = 
             raise AssertionError(f"jupyter lab exited: {log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(f"{url}api/status?token={token}", timeout=2):
-                return Lab(url, token, root, process, log)
+                return Lab(url, token, root, process, log, run_env)
         except OSError:
             time.sleep(0.3)
     process.terminate()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import time
 from typing import Any
 
@@ -179,6 +180,27 @@ def test_the_tour_runs_in_jupyterlab_with_its_widgets(lab, page) -> None:
     assert not console.errors(*COMM_ERRORS), console.messages
 
 
+def test_a_committed_notebook_reopened_without_its_kernel_shows_every_widget(lab, page) -> None:
+    """The tour as committed (outputs and widget state of a CI run), opened without running it."""
+    page, console = page
+    shutil.copy(REPO / "notebooks" / "tour.ipynb", lab.root / "downloaded.ipynb")
+    page.goto(lab.notebook_url("downloaded.ipynb"))  # not trusted: as from GitHub or a mail
+    snapshots = page.locator(".jp-OutputArea-output .vmishell-snapshot")
+    snapshots.nth(2).wait_for(timeout=30_000)
+    assert snapshots.count() == 3, "the table, the hex viewer and the watch"
+    watch = snapshots.nth(2).text_content()
+    assert "stopped (stop() called)" in watch and "new_int" in watch, "the watch's last history"
+    shutil.copy(REPO / "notebooks" / "tour.ipynb", lab.root / "saved.ipynb")
+    lab.trust("saved.ipynb")  # trusted, as the user's own saved notebook: widgets from saved state
+    page.goto(lab.notebook_url("saved.ipynb"))
+    restored = page.locator(".jp-OutputArea-output .widget-html", has_text="stop() called")
+    restored.first.wait_for(timeout=30_000)
+    assert page.get_by_text("rows 1–").count() >= 1, "the table's page, restored"
+    shown = "\n".join(page.locator(".jp-OutputArea-output").all_text_contents())
+    assert "Error displaying widget" not in shown
+    assert not console.errors(*COMM_ERRORS, "model not found"), console.messages
+
+
 # -- without the widget front end ---------------------------------------------------------------
 
 
@@ -203,7 +225,7 @@ def test_without_the_widget_front_end_every_widget_shows_its_snapshot_and_the_fi
         assert "pip install 'vmishell[jupyter]'" in hint.first.inner_text()
         assert page.get_by_text("rows 1–50 of 3000, page 1 of 60").count() == 1
         assert page.locator(".vmishell-snapshot td b").count() == 0, "guest markup stays text"
-        shown = "\n".join(page.locator(".jp-OutputArea-output").all_inner_texts())
+        shown = "\n".join(page.locator(".jp-OutputArea-output").all_text_contents())
         for repr_ in ("VBox(", "ProcessTable(", "HexViewer(", "WatchView(", "Error displaying"):
             assert repr_ not in shown
         # The watch keeps running; with no live view the kernel redraws its snapshot.
