@@ -131,3 +131,44 @@ def test_magic_results_are_errors_not_prints(cell, fake) -> None:
     fake.processes = lambda **kw: (_ for _ in ()).throw(VmiError("guest says no"))
     r = cell("x = %ps")
     assert r.lines == ["VmiError: guest says no"]
+
+
+def _processes(**kw):
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "pid": [1, 2],
+            "comm": ["systemd", "kthreadd"],
+            "kernel_thread": [False, True],
+            "cmdline": ["/sbin/init", None],
+            "error": [None, None],
+        }
+    )
+
+
+def test_ps_shows_missing_values_empty_and_leaves_out_all_empty_columns(cell, fake) -> None:
+    fake.processes = _processes
+    df = cell("%ps").value
+    assert list(df.columns) == ["pid", "comm", "kernel_thread", "cmdline"], "error is all empty"
+    text, page = repr(df), df._repr_html_()
+    assert "None" not in text and "NaN" not in text and "nan" not in text
+    assert "None" not in page and "NaN" not in page
+    every = cell("%ps --all-columns").value
+    assert "error" in every.columns and every["cmdline"].isna().iloc[1], "values stay as they are"
+
+
+def test_peek_without_pid_says_it_read_the_kernel_and_suggests_pid(cell, fake) -> None:
+    from vmishell.errors import PageFault
+
+    def fault(vaddr: int, size: int, *, pad: bool = False) -> bytes:
+        raise PageFault(vaddr, "PML4", 0, 0x1000)
+
+    fake.proc.read = fault
+    r = cell(f"%peek {ADDR:#x} 16")
+    assert not r.success and len(r.lines) == 1
+    assert "page fault translating 0x600040 at PML4" in r.output
+    assert "read in pid 0, the kernel's address space" in r.output
+    assert "give -p PID" in r.output
+    r = cell(f"%peek {ADDR:#x} 16 -p 7")
+    assert not r.success and "pid 0" not in r.output, "with -p the fault is the answer"

@@ -4,6 +4,10 @@ Each notebook boots its own lab guests (under names carrying a prefix this
 test chooses, so that whatever a failed run leaves behind is shut down here)
 and stops them in its last cell. The checks read the executed notebook's
 outputs by cell tag.
+
+The committed notebooks carry their outputs; every run checks that they
+still have the shape a fresh run gives (see `notebook_shape`). With
+VMISHELL_NB_WRITE=1 a run writes its notebook back instead (refreshing them).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from notebook_shape import differences, write
 
 from vmishell.errors import VmiError
 from vmishell.lab.workload import MARKER
@@ -23,6 +28,9 @@ pytestmark = pytest.mark.lab
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET = "application/vnd.jupyter.widget-view+json"
+#: Notebooks committed with outputs, checked against every run. page-tables.ipynb boots
+#: three guests at once and has not been refreshed yet (VMISHELL_NB_WRITE=1, see above).
+WITH_OUTPUTS = {"tour", "monitoring"}
 
 
 def _running(prefix: str) -> list[str]:
@@ -48,9 +56,15 @@ def run_notebook(monkeypatch, lab_unavailable) -> Iterator:
         lab_unavailable("qemu-system-x86_64 is not installed")
 
     def run(name: str):
-        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        path = NOTEBOOKS / f"{name}.ipynb"
+        committed = nbformat.read(path, as_version=4)
+        nb = nbformat.read(path, as_version=4)
         client = NotebookClient(
-            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+            nb,
+            timeout=600,
+            kernel_name="python3",
+            record_timing=False,
+            resources={"metadata": {"path": str(NOTEBOOKS)}},
         )
         try:
             client.execute()
@@ -58,6 +72,15 @@ def run_notebook(monkeypatch, lab_unavailable) -> Iterator:
             if "failed to boot" in str(exc) or "MissingToolError" in str(exc):
                 lab_unavailable(f"{name}.ipynb could not boot its guests: {exc}")
             raise
+        if os.environ.get("VMISHELL_NB_WRITE") == "1":
+            write(nb, path)
+        elif name in WITH_OUTPUTS:
+            problems = differences(committed, nb)
+            assert not problems, (
+                f"notebooks/{name}.ipynb is out of date with the code; refresh it with "
+                "VMISHELL_NB_WRITE=1 python3 -m pytest tests/frontends/test_notebooks.py:\n"
+                + "\n".join(problems)
+            )
         return nb
 
     yield run

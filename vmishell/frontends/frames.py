@@ -46,10 +46,13 @@ def hex_cell(value: Any) -> str:
 
 
 def text_cell(value: Any) -> str:
+    """A text cell; a missing value (None, NaN: a kernel thread's cmdline) shows as empty."""
     if isinstance(value, str):
         return safe_text(value)
     if isinstance(value, bytes):
         return repr(value)
+    if _is_missing(value):
+        return ""
     return safe_text(str(value))
 
 
@@ -65,8 +68,16 @@ def _formatters(df: pd.DataFrame) -> dict[Any, Formatter]:
 
 
 def _safe_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """A shallow view whose column labels and index are safe text (they may be guest data)."""
+    """A shallow view whose column labels and index are safe text (they may be guest data),
+    and whose missing text values are empty."""
     view = pd.DataFrame(df, copy=False)
+    for i, dtype in enumerate(df.dtypes):
+        if pd.api.types.is_object_dtype(
+            dtype
+        ):  # None/NaN in a text column (a kernel thread's cmdline): empty
+            col = view.iloc[:, i]
+            if col.isna().any():
+                view.isetitem(i, col.where(col.notna(), ""))
     view.columns = [safe_text(str(c)) for c in df.columns]
     if not isinstance(df.index, pd.RangeIndex):
         view.index = [safe_text(str(i)) for i in df.index]
@@ -80,6 +91,7 @@ def frame_html(df: pd.DataFrame) -> str:
     return view.to_html(
         formatters=_formatters(view),
         escape=True,
+        na_rep="",
         max_rows=pd.get_option("display.max_rows"),
         max_cols=pd.get_option("display.max_columns"),
         show_dimensions=pd.get_option("display.show_dimensions") is True
@@ -93,6 +105,7 @@ def frame_text(df: pd.DataFrame) -> str:
     view = _safe_columns(df)
     text = view.to_string(
         formatters=_formatters(view),
+        na_rep="",
         max_rows=pd.get_option("display.max_rows"),
         max_cols=pd.get_option("display.max_columns"),
         show_dimensions=len(df) > (pd.get_option("display.max_rows") or len(df)),

@@ -27,12 +27,13 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from vmishell.errors import VmiError
+from vmishell.errors import TranslationError, VmiError
 from vmishell.frontends.expr import as_address, evaluate_all
 from vmishell.frontends.frames import GuestFrame, guest_frame
 from vmishell.frontends.memory import Memory, hex_text, read_window
 from vmishell.frontends.targets import Target, Targets
 from vmishell.frontends.text import safe_text
+from vmishell.frontends.types import inline_type
 from vmishell.frontends.walkview import WalkFrame
 
 if TYPE_CHECKING:
@@ -202,6 +203,11 @@ class VmiMagics(Magics):
     @argument("-n", "--comm", metavar="TEXT", help="only names (comm) containing TEXT")
     @argument("--pid", type=_int, help="only this pid")
     @argument("--table", action="store_true", help="an interactive table widget (Jupyter)")
+    @argument(
+        "--all-columns",
+        action="store_true",
+        help="keep columns that are empty on every row (such as error when nothing failed)",
+    )
     @target_option
     @line_magic
     @boundary
@@ -209,7 +215,9 @@ class VmiMagics(Magics):
         """The guest's processes as a DataFrame (pid, ppid, comm, state, uid, dtb, cmdline, …).
 
         One row per process, like `ps` and `Session.processes()`; `--threads`
-        gives one row per thread, like `ps -eL`.
+        gives one row per thread, like `ps -eL`. Missing values (the cmdline
+        of a kernel thread) show as empty; columns empty on every row are left
+        out unless --all-columns.
         """
         args = parse_argstring(self.ps, line)
         if args.user and args.kernel:
@@ -226,7 +234,10 @@ class VmiMagics(Magics):
             if args.threads:  # with threads, --pid also keeps the process's other threads
                 same |= df["tgid"] == args.pid
             df = df[same]
-        frame = guest_frame(df.reset_index(drop=True), hex=["dtb", "task"])
+        df = df.reset_index(drop=True)
+        if not args.all_columns:
+            df = df.drop(columns=empty_columns(df))
+        frame = guest_frame(df, hex=["dtb", "task"])
         if args.table:
             from vmishell.frontends.widgets import ProcessTable
 
@@ -300,7 +311,12 @@ class VmiMagics(Magics):
             )
         view = args.view
         if view is None:
-            data = process.read(address, count or DEFAULT_PEEK, pad=args.pad)
+            try:
+                data = process.read(address, count or DEFAULT_PEEK, pad=args.pad)
+            except TranslationError as exc:
+                if pid_given(line):
+                    raise
+                raise FrontendError(kernel_read_hint(exc, address, process)) from exc
             return Memory(data, address, args.pid)
         if view in TYPED_VIEWS:
             return self._typed(process, address, count or DEFAULT_COUNT, view, args.pad)
@@ -382,9 +398,20 @@ class VmiMagics(Magics):
         if not words:
             import pandas as pd
 
-            rows = layout(session.profile, type_name, args.depth or 0)
+            profile = session.profile
+            rows = layout(profile, type_name, args.depth or 0)
             df = pd.DataFrame(
-                [(r.offset, r.name, r.type, r.size, r.bit_position, r.bit_length) for r in rows],
+                [
+                    (
+                        r.offset,
+                        r.name,
+                        inline_type(profile, r.type),
+                        r.size,
+                        r.bit_position,
+                        r.bit_length,
+                    )
+                    for r in rows
+                ],
                 columns=["offset", "name", "type", "size", "bit_position", "bit_length"],
             )
             return guest_frame(df, hex=["offset"])
@@ -494,6 +521,57 @@ class VmiMagics(Magics):
         df = run_plugin(target.session, args.plugin, list(args.args))
         hex_cols = [c for c in df.columns if any(k in str(c).upper() for k in _HEXISH)]
         return guest_frame(df, hex=hex_cols)
+
+
+def empty_columns(df: Any) -> list[Any]:
+    """Columns with no value on any row (all None/NaN or empty text); none of an empty frame."""
+    if not len(df):
+        return []
+    out = []
+    for col in df.columns:
+        values = df[col]
+        if values.dtype == object:
+            values = values.where(values.astype(str) != "")  # "" counts as missing
+        if values.isna().all():
+            out.append(col)
+    return out
+
+
+#: x86-64 (4- and 5-level): user addresses are the canonical lower half; i386: below 3 GiB.
+I386_USER_END = 0xC0000000
+
+
+def is_user_address(process: Any, address: int) -> bool | None:
+    """Whether `address` lies in the user half of the address space (None: unknown mode)."""
+    try:
+        spec = process.translator.mode.spec
+    except AttributeError:
+        return None
+    if spec.canonical:
+        return address < 1 << (spec.address_bits - 1)
+    return address < I386_USER_END
+
+
+def kernel_read_hint(exc: VmiError, address: int, process: Any) -> str:
+    """A failed read without -p: say it was the kernel's address space, and what to do."""
+    text = f"{exc} (read in pid 0, the kernel's address space"
+    if is_user_address(process, address) is not False:
+        text += f"; {address:#x} is a user address: give -p PID, %ps lists the pids"
+    return text + ")"
+
+
+def pid_given(line: str) -> bool:
+    """Whether a magic's line names a pid with -p/--pid (its default 0 is the kernel)."""
+    import shlex
+
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    return any(
+        w in ("-p", "--pid") or w.startswith("--pid=") or (w.startswith("-p") and w[2:3].isdigit())
+        for w in words
+    )
 
 
 def _le(data: bytes) -> int:
