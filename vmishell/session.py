@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 import warnings
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmishell import schemes
 from vmishell.arch import AddressSpace, Mapping, Translation, Walk
@@ -63,6 +64,8 @@ from vmishell.symbols.profile import Profile, load_profile
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from vmishell.search import PhysicalView
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
@@ -618,6 +621,20 @@ class Session:
         """Run-time virtual address of a kernel symbol (KASLR applied)."""
         self._begin()
         return self.guest.symbol(name)
+
+    # -- hunting (vmishell.search, vmishell.monitor) ---------------------------------------
+    def search(self, pattern: bytes | str | re.Pattern[bytes], **options: Any) -> pd.DataFrame:
+        """Hits of a pattern in processes' memory: see `vmishell.search.search`."""
+        from vmishell.search import search
+
+        return search(self, pattern, **options)
+
+    @property
+    def physical(self) -> PhysicalView:
+        """All of guest RAM: `s.physical.search(...)` finds mapped and unmapped hits."""
+        from vmishell.search import PhysicalView
+
+        return PhysicalView(self)
 
     # -- live guests ------------------------------------------------------------------------
     @property
