@@ -73,7 +73,7 @@ def test_a_shared_frame_is_scanned_once_and_reported_for_every_process(k) -> Non
     ]
     # 3 distinct frames (4 mapped pages); the seam windows add a few bytes.
     scanned = hits.attrs[META_KEY]["scanned_bytes"]
-    assert 3 * PAGE <= scanned < 3 * PAGE + 64
+    assert 3 * PAGE <= scanned < 3 * PAGE + 256
 
 
 def test_a_match_across_two_pages_in_distant_frames_is_found(k) -> None:

@@ -1,4 +1,5 @@
-"""IPython magics over the Session API: %attach, %ps, %peek, %translate, %maps, %dt, %watch, %vol.
+"""IPython magics over the Session API: %attach, %ps, %peek, %translate, %maps, %dt, %search,
+%watch, %diff, %vol.
 
 Each magic is argument declarations (`@magic_arguments`, so `%peek?` shows
 its help), one call into the plain API, and a returned value: `x = %ps`
@@ -394,6 +395,43 @@ class VmiMagics(Magics):
         return decode(
             session.profile, process, type_name, address, depth, symbolize=self.symbolizer(session)
         )
+
+    # -- hunting ------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument(
+        "pattern",
+        help="text (default), hex bytes with ?? wildcards (--hex), a regex (--regex) or YARA "
+        "rules (--yara: rule text or a .yar file); quote it when it has spaces",
+    )
+    @argument("--bytes", dest="kind", action="store_const", const="bytes", help="\\xNN escapes")
+    @argument("--hex", dest="kind", action="store_const", const="hex", help="'de ad ?? ef'")
+    @argument("--regex", dest="kind", action="store_const", const="regex", help="a bytes regex")
+    @argument("--yara", dest="kind", action="store_const", const="yara", help="YARA rules")
+    @argument("--encoding", default="utf-8", help="encoding of a text pattern (utf-8)")
+    @argument("-p", "--pid", type=_int, action="append", dest="pids", help="only this pid")
+    @argument("--kernel", action="store_true", help="the kernel's mappings too")
+    @argument("--physical", action="store_true", help="all of RAM, mapped or not")
+    @argument("--max-hits", type=_int, default=None, help="stop after this many hits")
+    @argument("--context", type=_int, default=16, help="bytes of context each side (16)")
+    @target_option
+    @line_magic
+    @boundary
+    def search(self, line: str = "") -> GuestFrame:
+        """Find a pattern in every process's memory: one row per hit and mapping.
+
+        Ctrl-C stops a long scan and keeps the hits so far; `Session.search`
+        is the same search for scripts.
+        """
+        import shlex
+
+        from vmishell.search.cli import run_search
+
+        try:
+            words = shlex.split(line)  # patterns are quoted like in a shell: 'de ad ?? ef'
+        except ValueError as exc:
+            raise UsageError(f"%search: {exc}") from None
+        args = self.search.parser.parse_args(words)
+        return run_search(self._target(args).session, args)
 
     # -- monitoring ---------------------------------------------------------------------------
     @magic_arguments()

@@ -175,7 +175,14 @@ def search_regions(scan: Scan, regions: Regions) -> None:
 
 
 def _row(
-    scan: Scan, regions: Regions, region: Region, off: int, match: bytes, rule: str, paddr: int
+    scan: Scan,
+    regions: Regions,
+    region: Region,
+    off: int,
+    match: bytes,
+    rule: str,
+    paddr: int,
+    context: str | None = None,
 ) -> None:
     owner = regions.owners[region.owner]
     vaddr = region.vaddr + off
@@ -186,7 +193,8 @@ def _row(
     else:
         start, end, path, file_offset = region.vaddr, region.vaddr + region.size, "", None
         perms = "r" + ("w" if region.writable else "-") + ("-" if region.nx else "x") + "p"
-    context = scan.context_of(paddr, len(match), region.paddr, region.paddr + region.size)
+    if context is None:
+        context = scan.context_of(paddr, len(match), region.paddr, region.paddr + region.size)
     scan.add(
         (
             owner.pid,
@@ -208,11 +216,12 @@ def _row(
 def _seams(scan: Scan, regions: Regions) -> None:
     """Matches across the boundary of two virtually adjacent runs, once per set of frames."""
     reach = scan.matcher.span - 1
-    done: dict[tuple[tuple[int, int], ...], list[tuple[int, int, str, bytes]]] = {}
+    ctx = scan.context
+    done: dict[tuple[tuple[int, int], ...], list[tuple[int, int, str, bytes, str]]] = {}
     for chain in regions.chains():
         for k in range(len(chain) - 1):
             seam = chain[k].vaddr + chain[k].size
-            pieces = _window(chain, k, reach)
+            pieces = _window(chain, k, reach + ctx)
             key = tuple((p, n) for _, p, n in pieces)
             found = done.get(key)
             if found is None:
@@ -224,15 +233,18 @@ def _seams(scan: Scan, regions: Regions) -> None:
                     # Crossing this seam, and starting in the run just before it (a match
                     # crossing an earlier seam too is reported there).
                     if w0 + s < seam < w0 + e and w0 + s >= chain[k].vaddr:
-                        found.append((s, e, rule, data[s:e]))
+                        around = escape(data[max(0, s - ctx) : s]) if ctx else ""
+                        after = escape(data[e : e + ctx]) if ctx else ""
+                        shown = f"{around}[{escape(data[s:e])}]{after}" if ctx else ""
+                        found.append((s, e, rule, data[s:e], shown))
                 done[key] = found
             if not found:
                 continue
             w0 = pieces[0][0]
             region = chain[k]
-            for s, _e, rule, match in found:
+            for s, _e, rule, match, shown in found:
                 off = w0 + s - region.vaddr
-                _row(scan, regions, region, off, match, rule, region.paddr + off)
+                _row(scan, regions, region, off, match, rule, region.paddr + off, shown)
 
 
 def _window(chain: list[Region], k: int, reach: int) -> list[tuple[int, int, int]]:
