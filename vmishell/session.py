@@ -636,6 +636,12 @@ class Session:
 
         return PhysicalView(self)
 
+    def watch(self, *targets: str | int, **options: Any) -> Any:
+        """Watch addresses, symbols or struct fields: see `vmishell.monitor.watch`."""
+        from vmishell.monitor.watch import watch
+
+        return watch(self, *targets, **options)
+
     # -- live guests ------------------------------------------------------------------------
     @property
     def live(self) -> bool:
