@@ -642,6 +642,21 @@ class Session:
 
         return watch(self, *targets, **options)
 
+    def snapshot(self, **options: Any) -> Any:
+        """Processes, threads, credentials and maps now: see `vmishell.monitor.snapshot`."""
+        from vmishell.monitor.snapshot import take
+
+        return take(self, **options)
+
+    def diff(self, before: Any, after: Any = None) -> pd.DataFrame:
+        """What appeared, disappeared or changed since a snapshot or saved file (or between two)."""
+        from vmishell.monitor.diff import as_snapshot, diff
+
+        before = as_snapshot(before)
+        return diff(
+            before, after if after is not None else self.snapshot(hashes=bool(before.hashes))
+        )
+
     # -- live guests ------------------------------------------------------------------------
     @property
     def live(self) -> bool:

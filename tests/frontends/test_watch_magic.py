@@ -64,3 +64,11 @@ def test_as_u64_streams_whole_values(cell, synthetic) -> None:
     r = cell(f"w = %watch {BASE:#x} 8 -p 100 --as u64 --every 0.05 --count 1")
     assert r.success, r.output
     assert "as u64" in cell("w.status()").value
+
+
+def test_diff_magic_takes_a_snapshot_then_compares(ip, cell, synthetic) -> None:
+    r = cell("snap = %diff")
+    assert r.success, r.output
+    synthetic.task(300, "newcomer", mm=synthetic.mm(argv=("newcomer",)), start_boottime=9)
+    df = cell("%diff snap").value
+    assert [(r.kind, r.change, r.pid) for r in df.itertuples()] == [("process", "appeared", 300)]

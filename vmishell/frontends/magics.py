@@ -434,6 +434,36 @@ class VmiMagics(Magics):
         args = self.search.parser.parse_args(words)
         return run_search(self._target(args).session, args)
 
+    @magic_arguments()
+    @argument(
+        "before",
+        nargs="?",
+        help="a Snapshot variable or a saved snapshot file (omit to only take one)",
+    )
+    @argument("--save", metavar="FILE", help="save the snapshot taken now to FILE")
+    @argument("--hashes", action="store_true", help="hash executable file pages too")
+    @target_option
+    @line_magic
+    @boundary
+    def diff(self, line: str = "") -> Any:
+        """What changed since a snapshot: processes, uids, mappings, code pages (a DataFrame).
+
+        `snap = %diff` (no argument) takes and returns a snapshot; `%diff snap`
+        compares it with the guest now; `--save FILE` keeps the new one.
+        """
+        args = parse_argstring(self.diff, line)
+        session = self._target(args).session
+        before = None
+        if args.before:
+            before = (self.shell.user_ns if self.shell else {}).get(args.before, args.before)
+        hashes = args.hashes or bool(getattr(before, "hashes", None))
+        now = session.snapshot(hashes=hashes)
+        if args.save:
+            now.save(args.save)
+        if before is None:
+            return now
+        return session.diff(before, now)
+
     # -- monitoring ---------------------------------------------------------------------------
     @magic_arguments()
     @argument(
