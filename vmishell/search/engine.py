@@ -18,6 +18,7 @@ What stopped a scan is in the result's `attrs["vmishell.search"]["stopped"]`.
 
 from __future__ import annotations
 
+import bisect
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmishell.errors import VmiError
-from vmishell.search.patterns import Matcher
+from vmishell.search.patterns import Buffer, Matcher
 from vmishell.search.regions import Region, Regions
 
 if TYPE_CHECKING:
@@ -67,8 +68,11 @@ class Scan:
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
+        source = self.session.source
         self.budget = self.session.limits.max_scan_bytes
-        self.read = self.session.source.read
+        self.read = source.read
+        self._segments = list(source.segments() or ())
+        self._segment_starts = [seg.start for seg in self._segments]
 
     def charge(self, size: int) -> None:
         if self.scanned + size > self.budget:
@@ -85,20 +89,43 @@ class Scan:
             raise StopScan(f"stopped at {self.max_hits} hits (max_hits)")
         self.rows.append(row)
 
-    def chunks(self, start: int, end: int) -> Iterator[tuple[int, bytes, int]]:
-        """(base, data, limit) over [start, end): hits starting at or past `limit` come later."""
+    def view(self, paddr: int, size: int) -> tuple[Buffer, int] | None:
+        """(buffer, offset) holding physical [paddr, paddr+size): a view of RAM when the
+        source is memory-mapped (no copy), else the bytes read; None if unreadable."""
+        segments = self._segments
+        if segments:
+            i = bisect.bisect_right(self._segment_starts, paddr) - 1
+            if i >= 0 and paddr + size <= segments[i].end:
+                seg = segments[i]
+                return seg.view, paddr - seg.start
+        try:
+            return self.read(paddr, size), 0
+        except VmiError as exc:
+            self.problems.append(f"physical {paddr:#x}+{size:#x}: {exc}")
+            return None
+
+    def slice(self, paddr: int, size: int) -> Buffer:
+        """Physical [paddr, paddr+size) as a view of RAM (or bytes; zeros if unreadable)."""
+        got = self.view(paddr, size)
+        if got is None:
+            return bytes(size)
+        buf, off = got
+        return buf[off : off + size]
+
+    def chunks(self, start: int, end: int) -> Iterator[tuple[int, Buffer, int, int, int]]:
+        """(base, buffer, lo, hi, limit) over physical [start, end): scan buffer[lo:hi],
+        where buffer[i] is physical base + i; hits starting at or past `limit` are the
+        next chunk's (chunks overlap by the pattern's span)."""
         overlap = max(self.matcher.span - 1, 0)
         pos = start
         while pos < end:
             n = min(CHUNK + overlap, end - pos)
             self.charge(min(CHUNK, n))
-            try:
-                data = self.read(pos, n)
-            except VmiError as exc:
-                self.problems.append(f"physical {pos:#x}+{n:#x}: {exc}")
-                pos += CHUNK
-                continue
-            yield pos, data, (CHUNK if pos + n < end else n)
+            got = self.view(pos, n)
+            if got is not None:
+                buf, lo = got
+                limit = lo + (CHUNK if pos + n < end else n)
+                yield pos - lo, buf, lo, lo + n, limit
             pos += CHUNK
 
     def context_of(self, paddr: int, size: int, lo: int, hi: int) -> str:
@@ -162,14 +189,16 @@ def progress_bar(total: int, enabled: bool | None, what: str) -> Any:
 
 def search_regions(scan: Scan, regions: Regions) -> None:
     """Both passes over `regions`; rows in SEARCH_COLUMNS."""
+    finditer = scan.matcher.finditer
     for start, end in regions.frames():
-        for base, data, limit in scan.chunks(start, end):
-            for s, e, rule in scan.matcher.finditer(data):
+        for base, buf, lo, hi, limit in scan.chunks(start, end):
+            for s, e, rule in finditer(buf, lo, hi):
                 if s >= limit:
                     break
                 paddr = base + s
+                match = bytes(buf[s:e])
                 for region in regions.covering(paddr, e - s):
-                    _row(scan, regions, region, paddr - region.paddr, data[s:e], rule, paddr)
+                    _row(scan, regions, region, paddr - region.paddr, match, rule, paddr)
     if scan.matcher.span > 1:
         _seams(scan, regions)
 
@@ -214,37 +243,96 @@ def _row(
 
 
 def _seams(scan: Scan, regions: Regions) -> None:
-    """Matches across the boundary of two virtually adjacent runs, once per set of frames."""
-    reach = scan.matcher.span - 1
+    """Matches across the boundary of two virtually adjacent runs, once per set of frames.
+
+    A window is the `span - 1` bytes (plus context) either side of a seam as the
+    process sees them, keyed by the frames it reads, so a library mapped by fifty
+    processes costs one window. All windows are put into one buffer (from views of
+    RAM, one copy); literal patterns and YARA scan it at once (a match straddling two
+    windows is dropped), regular expressions window by window.
+    """
     ctx = scan.context
-    done: dict[tuple[tuple[int, int], ...], list[tuple[int, int, str, bytes, str]]] = {}
+    need = scan.matcher.span - 1 + ctx
+    parts: list[Buffer] = []
+    index: dict[Any, int] = {}
+    #: Per window: offset in the joined buffer, length, the seam's and the first
+    #: allowed start's positions in the window.
+    wins: list[tuple[int, int, int, int]] = []
+    jobs: list[tuple[int, Region, int]] = []
+    pos = 0
     for chain in regions.chains():
         for k in range(len(chain) - 1):
-            seam = chain[k].vaddr + chain[k].size
-            pieces = _window(chain, k, reach + ctx)
-            key = tuple((p, n) for _, p, n in pieces)
-            found = done.get(key)
-            if found is None:
-                data = b"".join(scan.read(p, n) for _, p, n in pieces)
-                scan.charge(len(data))
-                w0 = pieces[0][0]
-                found = []
-                for s, e, rule in scan.matcher.finditer(data):
-                    # Crossing this seam, and starting in the run just before it (a match
-                    # crossing an earlier seam too is reported there).
-                    if w0 + s < seam < w0 + e and w0 + s >= chain[k].vaddr:
-                        around = escape(data[max(0, s - ctx) : s]) if ctx else ""
-                        after = escape(data[e : e + ctx]) if ctx else ""
-                        shown = f"{around}[{escape(data[s:e])}]{after}" if ctx else ""
-                        found.append((s, e, rule, data[s:e], shown))
-                done[key] = found
-            if not found:
+            a, b = chain[k], chain[k + 1]
+            seam = a.vaddr + a.size
+            if a.size >= need and b.size >= need:  # the usual case: two pieces
+                key: Any = (a.paddr + a.size, b.paddr, need)
+                w = index.get(key)
+                if w is None:
+                    parts.append(scan.slice(a.paddr + a.size - need, need))
+                    parts.append(scan.slice(b.paddr, need))
+                    w = index[key] = len(wins)
+                    wins.append((pos, 2 * need, need, 0))
+                    pos += 2 * need
+                jobs.append((w, a, seam - need))
                 continue
+            pieces = _window(chain, k, need)
             w0 = pieces[0][0]
-            region = chain[k]
-            for s, _e, rule, match, shown in found:
-                off = w0 + s - region.vaddr
-                _row(scan, regions, region, off, match, rule, region.paddr + off, shown)
+            last = next(p for p in reversed(pieces) if p[0] < seam)
+            key = (tuple((p, n) for _, p, n in pieces), seam - w0, last[0] - w0)
+            w = index.get(key)
+            if w is None:
+                size = 0
+                for _, p, n in pieces:
+                    parts.append(scan.slice(p, n))
+                    size += n
+                w = index[key] = len(wins)
+                wins.append((pos, size, seam - w0, last[0] - w0))
+                pos += size
+            jobs.append((w, a, w0))
+    if not jobs:
+        return
+    scan.charge(pos)
+    joined = b"".join(parts)
+    found = _scan_windows(scan, joined, wins)
+    for w, region, w0 in jobs:
+        hits = found.get(w)
+        if not hits:
+            continue
+        off0 = wins[w][0]
+        for s, e, rule in hits:
+            off = w0 + s - region.vaddr
+            match = joined[off0 + s : off0 + e]
+            shown = ""
+            if ctx:
+                lo = max(off0, off0 + s - ctx)
+                before = escape(joined[lo : off0 + s])
+                after = escape(joined[off0 + e : min(off0 + wins[w][1], off0 + e + ctx)])
+                shown = f"{before}[{escape(match)}]{after}"
+            _row(scan, regions, region, off, match, rule, region.paddr + off, shown)
+
+
+def _scan_windows(
+    scan: Scan, joined: bytes, wins: list[tuple[int, int, int, int]]
+) -> dict[int, list[tuple[int, int, str]]]:
+    """Per window, matches (window positions) that cross its seam and start after `first`."""
+    found: dict[int, list[tuple[int, int, str]]] = {}
+    finditer = scan.matcher.finditer
+
+    def keep(w: int, s: int, e: int, rule: str) -> None:
+        off, size, seam, first = wins[w]
+        s, e = s - off, e - off
+        if e <= size and s < seam < e and s >= first:
+            found.setdefault(w, []).append((s, e, rule))
+
+    if not scan.matcher.batchable:
+        for w, (off, size, _seam, _first) in enumerate(wins):
+            for s, e, rule in finditer(joined, off, off + size):
+                keep(w, s, e, rule)
+        return found
+    offsets = [win[0] for win in wins]
+    for s, e, rule in finditer(joined):
+        keep(bisect.bisect_right(offsets, s) - 1, s, e, rule)
+    return found
 
 
 def _window(chain: list[Region], k: int, reach: int) -> list[tuple[int, int, int]]:
@@ -273,12 +361,12 @@ def _window(chain: list[Region], k: int, reach: int) -> list[tuple[int, int, int
 def search_physical(scan: Scan, regions: Regions) -> None:
     """Every RAM range; each hit once per mapping that sees it, or once as unmapped."""
     for r in scan.session.source.ranges():
-        for base, data, limit in scan.chunks(r.start, r.end):
-            for s, e, rule in scan.matcher.finditer(data):
+        for base, buf, lo, hi, limit in scan.chunks(r.start, r.end):
+            for s, e, rule in scan.matcher.finditer(buf, lo, hi):
                 if s >= limit:
                     break
                 paddr = base + s
-                match = data[s:e]
+                match = bytes(buf[s:e])
                 seen = False
                 for region in regions.covering(paddr):
                     seen = True

@@ -33,38 +33,61 @@ class Matcher(Protocol):
     #: Longest match, so the overlap needed to find matches across boundaries.
     span: int
 
-    def finditer(self, data: bytes) -> Iterator[tuple[int, int, str]]: ...
+    #: Whether matches never overlap a separator-free join of windows wrongly: true for
+    #: literals (every occurrence is found, overlapping ones too), so seam windows can be
+    #: scanned as one buffer.
+    batchable: bool
+
+    def finditer(
+        self, data: Buffer, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, int, str]]: ...
 
 
-@dataclass(frozen=True, slots=True)
+#: What matchers scan: bytes, or a memoryview over guest RAM (no copy).
+Buffer = bytes | memoryview
+
+
 class BytesMatcher:
-    """A literal byte string; overlapping occurrences are all found."""
+    """A literal byte string; overlapping occurrences are all found.
 
-    needle: bytes
-    name: str
+    Searched with a compiled literal regex because `re` scans a memoryview
+    of guest RAM in place (bytes.find would need a copy first) and is as fast.
+    """
 
-    @property
-    def span(self) -> int:
-        return len(self.needle)
+    batchable = True
 
-    def finditer(self, data: bytes) -> Iterator[tuple[int, int, str]]:
-        needle, size, find = self.needle, len(self.needle), data.find
-        i = find(needle)
-        while i != -1:
-            yield i, i + size, self.name
-            i = find(needle, i + 1)
+    def __init__(self, needle: bytes, name: str) -> None:
+        self.needle = needle
+        self.name = name
+        self.span = len(needle)
+        self._search = re.compile(re.escape(needle)).search
+
+    def finditer(
+        self, data: Buffer, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, int, str]]:
+        search, size, name = self._search, self.span, self.name
+        stop = len(data) if end is None else end
+        m = search(data, start, stop)
+        while m is not None:
+            i = m.start()
+            yield i, i + size, name
+            m = search(data, i + 1, stop)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RegexMatcher:
     """A compiled bytes regular expression (DOTALL: a byte is a byte)."""
 
     regex: re.Pattern[bytes]
     name: str
     span: int
+    batchable = False
 
-    def finditer(self, data: bytes) -> Iterator[tuple[int, int, str]]:
-        for m in self.regex.finditer(data):
+    def finditer(
+        self, data: Buffer, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, int, str]]:
+        stop = len(data) if end is None else end
+        for m in self.regex.finditer(data, start, stop):
             if m.end() > m.start():
                 yield m.start(), m.end(), self.name
 
@@ -72,14 +95,20 @@ class RegexMatcher:
 class YaraMatcher:
     """YARA rules, compiled once (YARA-X, else yara-python); one hit per string match."""
 
+    batchable = True  # string matches are reported wherever they are, overlapping too
+
     def __init__(self, source: str, span: int) -> None:
         self.span = span
         self.name = "yara"
         self._scan = _compile_yara(source)
 
-    def finditer(self, data: bytes) -> Iterator[tuple[int, int, str]]:
-        hits = sorted(self._scan(data))
-        yield from hits
+    def finditer(
+        self, data: Buffer, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, int, str]]:
+        stop = len(data) if end is None else end
+        chunk = bytes(data[start:stop])
+        for s, e, rule in sorted(self._scan(chunk)):
+            yield s + start, e + start, rule
 
 
 def _compile_yara(source: str) -> Any:
