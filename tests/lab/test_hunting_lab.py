@@ -104,3 +104,40 @@ def test_diff_finds_a_new_process_a_uid_change_and_a_new_rwx_mapping(guest, sess
     # The injected code is in the new mapping (and, as an immediate, in vmi-hunt's text).
     hits = session.search(RWX_CODE, pids=[hunt])
     assert list(hits[hits.perms == "rwxp"].vaddr) == [RWX_VA]
+
+
+def test_the_hunting_notebook_runs_and_shows_search_yara_watch_and_diff(monkeypatch) -> None:
+    """notebooks/hunting.ipynb in a real Jupyter kernel (it boots and stops its own guest)."""
+    import shutil
+    from pathlib import Path
+
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    if shutil.which("qemu-system-x86_64") is None:
+        lab_unavailable("qemu-system-x86_64 is not installed")
+    prefix = f"t-{os.getpid()}-nbh"
+    monkeypatch.setenv("VMISHELL_NB_PREFIX", prefix)
+    folder = Path(__file__).resolve().parents[2] / "notebooks"
+    nb = nbformat.read(folder / "hunting.ipynb", as_version=4)
+    try:
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+        ).execute()
+    finally:
+        for st in runner.list_guests():
+            if st.name.startswith(prefix):
+                runner.down(st.name)
+
+    def shown(tag: str) -> str:
+        (cell,) = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+        return "\n".join(
+            "".join(o.get("data", {}).get("text/plain", "")) + o.get("text", "")
+            for o in cell.outputs
+        )
+
+    assert "vmi-marker" in shown("search") and "0x600000" in shown("search")
+    assert "Marker:$m" in shown("yara")
+    assert "'task_struct.comm': 'vmi-hunt'" in shown("watch")
+    diff = shown("diff")
+    assert "writable and executable" in diff and "appeared" in diff and "uid" in diff
