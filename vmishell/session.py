@@ -623,11 +623,20 @@ class Session:
         return self.guest.symbol(name)
 
     # -- hunting (vmishell.search, vmishell.monitor) ---------------------------------------
-    def search(self, pattern: bytes | str | re.Pattern[bytes], **options: Any) -> pd.DataFrame:
-        """Hits of a pattern in processes' memory: see `vmishell.search.search`."""
+    def search(
+        self,
+        pattern: bytes | str | re.Pattern[bytes],
+        *,
+        pids: Iterable[int] | None = None,
+        kernel: bool = False,
+        max_hits: int | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """Hits of a pattern in processes' memory, one row per hit and mapping: see
+        `vmishell.search.search` (kind, encoding, context, overlap, progress)."""
         from vmishell.search import search
 
-        return search(self, pattern, **options)
+        return search(self, pattern, pids=pids, kernel=kernel, max_hits=max_hits, **options)
 
     @property
     def physical(self) -> PhysicalView:
