@@ -260,16 +260,24 @@ def _seams(scan: Scan, regions: Regions) -> None:
     wins: list[tuple[int, int, int, int]] = []
     jobs: list[tuple[int, Region, int]] = []
     pos = 0
+    # One memory-mapped RAM segment (the usual case): slice it directly.
+    segs = scan._segments
+    mv, lo, hi = (segs[0].view, segs[0].start, segs[0].end) if len(segs) == 1 else (None, 0, 0)
     for chain in regions.chains():
         for k in range(len(chain) - 1):
             a, b = chain[k], chain[k + 1]
             seam = a.vaddr + a.size
             if a.size >= need and b.size >= need:  # the usual case: two pieces
-                key: Any = (a.paddr + a.size, b.paddr, need)
+                tail, head = a.paddr + a.size, b.paddr
+                key: Any = (tail, head)
                 w = index.get(key)
                 if w is None:
-                    parts.append(scan.slice(a.paddr + a.size - need, need))
-                    parts.append(scan.slice(b.paddr, need))
+                    if mv is not None and lo <= tail - need and head + need <= hi:
+                        parts.append(mv[tail - need - lo : tail - lo])
+                        parts.append(mv[head - lo : head + need - lo])
+                    else:
+                        parts.append(scan.slice(tail - need, need))
+                        parts.append(scan.slice(head, need))
                     w = index[key] = len(wins)
                     wins.append((pos, 2 * need, need, 0))
                     pos += 2 * need

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, NamedTuple
 
 from vmishell.errors import VmiError
@@ -83,9 +84,12 @@ class Regions:
 
     def chains(self) -> Iterator[list[Region]]:
         """Each owner's runs that follow each other virtually, in address order."""
-        ordered = sorted(self.runs, key=lambda r: (r.owner, r.vaddr))
+        runs = self.runs
+        ordered = all((a.owner, a.vaddr) < (b.owner, b.vaddr) for a, b in pairwise(runs))
+        if not ordered:  # `collect` makes them in order; anything else is sorted first
+            runs = sorted(runs, key=lambda r: (r.owner, r.vaddr))
         chain: list[Region] = []
-        for r in ordered:
+        for r in runs:
             if chain and (
                 r.owner != chain[-1].owner or r.vaddr != chain[-1].vaddr + chain[-1].size
             ):
