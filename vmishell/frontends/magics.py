@@ -421,7 +421,8 @@ class VmiMagics(Magics):
         """Find a pattern in every process's memory: one row per hit and mapping.
 
         Ctrl-C stops a long scan and keeps the hits so far; `Session.search`
-        is the same search for scripts.
+        is the same search for scripts. IPython expands `{expr}` in a magic's
+        line: write a regex quantifier as `{{3}}`.
         """
         import shlex
 

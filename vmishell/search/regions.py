@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from vmishell.session import Process, Session
 
 
+#: Runs larger than this are kept apart in the reverse map (see Regions.covering).
+SMALL = 1 << 21
+
+
 class Region(NamedTuple):
     """One virtually and physically contiguous run of one owner, inside one VMA."""
 
@@ -56,19 +60,29 @@ class Regions:
 
     def __post_init__(self) -> None:
         self.by_phys = sorted(self.runs, key=lambda r: r.paddr)
-        self._starts = [r.paddr for r in self.by_phys]
-        self._widest = max((r.size for r in self.runs), default=0)
+        # Runs up to SMALL bytes are found by bisection and a short look back; the few
+        # larger ones (a kernel's direct map, huge pages) are checked one by one, so one
+        # 1 GiB run does not make every lookup walk back over all the small ones.
+        small = [r for r in self.by_phys if r.size <= SMALL]
+        self._small = small
+        self._starts = [r.paddr for r in small]
+        self._large = [r for r in self.by_phys if r.size > SMALL]
 
     def covering(self, paddr: int, size: int = 1) -> Iterator[Region]:
         """Every run that maps all of physical [paddr, paddr+size)."""
-        runs, starts = self.by_phys, self._starts
+        runs, starts = self._small, self._starts
         i = bisect.bisect_right(starts, paddr) - 1
-        low = paddr - self._widest
+        low = paddr - SMALL
         while i >= 0 and starts[i] > low:
             r = runs[i]
             if paddr + size <= r.paddr + r.size:
                 yield r
             i -= 1
+        for r in self._large:
+            if r.paddr > paddr:
+                break
+            if paddr + size <= r.paddr + r.size:
+                yield r
 
     def frames(self) -> list[tuple[int, int]]:
         """The physical intervals the runs cover, merged: each byte once."""
