@@ -59,3 +59,18 @@ def test_search_cli_prints_escaped_rows(synthetic, monkeypatch, capsys) -> None:
     assert cli.main(["search", "whatever", "secret"]) == 0
     line = capsys.readouterr().out.strip()
     assert f"{BASE + PAGE - 3:#x}" in line and "\x1b" not in line and "[secret]" in line
+
+
+def test_search_cli_physical_lists_unmapped_hits_with_no_pid(
+    synthetic, monkeypatch, capsys
+) -> None:
+    from vmishell import cli
+
+    monkeypatch.setattr(Session, "attach", classmethod(lambda cls, target, **kw: synthetic))
+    monkeypatch.setattr(Session, "close", lambda self: None)
+    assert cli.main(["search", "whatever", "2Jsec", "--physical", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pid,comm,vaddr,paddr")
+    assert sorted(line.split(",")[0] for line in lines[1:]) == ["0", "100"]
+    assert cli.main(["search", "whatever", "secret", "--physical", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == []

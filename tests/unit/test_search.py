@@ -203,3 +203,25 @@ def test_physical_search_maps_hits_back_or_reports_them_unmapped(k) -> None:
     assert list(at_loose.pid) == [0]
     assert list(at_loose.vaddr) == [k.va_of(loose + 0x30)]
     assert set(hits.paddr) == {frames[0] + 0x20, loose + 0x30}
+
+
+def test_kernel_memory_is_searched_only_when_asked(k) -> None:
+    _process(k, 100, "user", _frames(k, 1))
+    va = k.cstring("kernel-only-secret")
+    s = _session(k)
+    assert s.search("kernel-only-secret").empty
+    hits = s.search("kernel-only-secret", kernel=True)
+    assert list(zip(hits.pid, hits.comm, strict=True)) == [(0, "kernel")]
+    assert va in set(hits.vaddr)
+
+
+def test_a_progress_bar_changes_nothing_but_the_display(k, capsys) -> None:
+    pytest.importorskip("tqdm")
+    frames = _frames(k, 2)
+    _process(k, 100, "bar", frames)
+    k.write(frames[1], b"progress-marker")
+    s = _session(k)
+    quiet = s.search(b"progress-marker", progress=False)
+    shown = s.search(b"progress-marker", progress=True)
+    assert list(shown.vaddr) == list(quiet.vaddr) == [BASE + PAGE]
+    assert "search" in capsys.readouterr().err
