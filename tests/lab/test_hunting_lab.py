@@ -75,7 +75,15 @@ def test_physical_search_maps_the_marker_frame_back_to_its_process(guest, sessio
 def test_a_watch_of_fields_samples_the_ticking_counter(guest, session) -> None:
     truth = guest.truth()
     counter = f"{layout('x86_64').counter_va:#x}"
-    w = session.watch(counter, "task_struct.comm", pid=truth.marker_pid, every=0.5, count=6)
+    w = session.watch(counter, "task_struct.comm", pid=truth.marker_pid, every=0.25, count=240)
+    seen = []  # stop after two ticks of the counter, however slowly the guest runs
+
+    def two_ticks(watch, sample) -> None:
+        seen.extend(sample.changes)
+        if len(seen) >= 2:
+            watch.stop("two ticks seen")
+
+    w.on_sample(two_ticks)
     w.run()
     h = w.history
     assert len(h) >= 2 and set(h.target) == {counter}
