@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "vmishell.lab.cli",
     "vmishell.symbols.cli",
     "vmishell.frontends.cli",
+    "vmishell.search.cli",
 )
 
 

@@ -56,6 +56,16 @@ class Limits:
     max_mapping_work: int = 1 << 21
     #: Characters of guest text (command lines, paths, names) one call may return.
     max_text: int = 64 << 20
+    #: Hits one search returns (the result says when it stopped there).
+    max_hits: int = 100_000
+    #: Bytes of context shown on each side of a search hit.
+    max_context: int = 256
+    #: Bytes of memory one search may scan (frames shared by processes count once).
+    max_scan_bytes: int = 64 << 30
+    #: Entries (mapped runs of processes and the kernel) of one frame-to-mapping reverse map.
+    max_reverse_map: int = 4_000_000
+    #: Rows (processes, threads, mappings, region hashes) one snapshot may hold.
+    max_snapshot_rows: int = 2_000_000
 
 
 class TextBudget:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 import warnings
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmishell import schemes
 from vmishell.arch import AddressSpace, Mapping, Translation, Walk
@@ -63,6 +64,8 @@ from vmishell.symbols.profile import Profile, load_profile
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from vmishell.search import PhysicalView
 
 ProfileArg = Profile | str | os.PathLike[str] | None
 _TARGET_KINDS = (
@@ -618,6 +621,50 @@ class Session:
         """Run-time virtual address of a kernel symbol (KASLR applied)."""
         self._begin()
         return self.guest.symbol(name)
+
+    # -- hunting (vmishell.search, vmishell.monitor) ---------------------------------------
+    def search(
+        self,
+        pattern: bytes | str | re.Pattern[bytes],
+        *,
+        pids: Iterable[int] | None = None,
+        kernel: bool = False,
+        max_hits: int | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """Hits of a pattern in processes' memory, one row per hit and mapping: see
+        `vmishell.search.search` (kind, encoding, context, overlap, progress)."""
+        from vmishell.search import search
+
+        return search(self, pattern, pids=pids, kernel=kernel, max_hits=max_hits, **options)
+
+    @property
+    def physical(self) -> PhysicalView:
+        """All of guest RAM: `s.physical.search(...)` finds mapped and unmapped hits."""
+        from vmishell.search import PhysicalView
+
+        return PhysicalView(self)
+
+    def watch(self, *targets: str | int, **options: Any) -> Any:
+        """Watch addresses, symbols or struct fields: see `vmishell.monitor.watch`."""
+        from vmishell.monitor.watch import watch
+
+        return watch(self, *targets, **options)
+
+    def snapshot(self, **options: Any) -> Any:
+        """Processes, threads, credentials and maps now: see `vmishell.monitor.snapshot`."""
+        from vmishell.monitor.snapshot import take
+
+        return take(self, **options)
+
+    def diff(self, before: Any, after: Any = None) -> pd.DataFrame:
+        """What appeared, disappeared or changed since a snapshot or saved file (or between two)."""
+        from vmishell.monitor.diff import as_snapshot, diff
+
+        before = as_snapshot(before)
+        return diff(
+            before, after if after is not None else self.snapshot(hashes=bool(before.hashes))
+        )
 
     # -- live guests ------------------------------------------------------------------------
     @property

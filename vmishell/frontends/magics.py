@@ -1,4 +1,5 @@
-"""IPython magics over the Session API: %attach, %ps, %peek, %translate, %maps, %dt, %watch, %vol.
+"""IPython magics over the Session API: %attach, %ps, %peek, %translate, %maps, %dt, %search,
+%watch, %diff, %vol.
 
 Each magic is argument declarations (`@magic_arguments`, so `%peek?` shows
 its help), one call into the plain API, and a returned value: `x = %ps`
@@ -35,6 +36,7 @@ from vmishell.frontends.targets import Target, Targets
 from vmishell.frontends.text import safe_text
 from vmishell.frontends.types import inline_type
 from vmishell.frontends.walkview import WalkFrame
+from vmishell.frontends.watch import VIEWS
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -422,36 +424,137 @@ class VmiMagics(Magics):
             session.profile, process, type_name, address, depth, symbolize=self.symbolizer(session)
         )
 
-    # -- monitoring ---------------------------------------------------------------------------
+    # -- hunting ------------------------------------------------------------------------------
     @magic_arguments()
-    @argument("words", nargs="+", metavar="ADDR [LEN]", help="address or expression, and bytes (8)")
-    @pid_option
-    @argument("--every", type=float, default=1.0, help="seconds between reads (default 1)")
-    @argument("--count", type=_int, default=None, help="stop after this many reads")
+    @argument(
+        "pattern",
+        help="text (default), hex bytes with ?? wildcards (--hex), a regex (--regex) or YARA "
+        "rules (--yara: rule text or a .yar file); quote it when it has spaces",
+    )
+    @argument("--bytes", dest="kind", action="store_const", const="bytes", help="\\xNN escapes")
+    @argument("--hex", dest="kind", action="store_const", const="hex", help="'de ad ?? ef'")
+    @argument("--regex", dest="kind", action="store_const", const="regex", help="a bytes regex")
+    @argument("--yara", dest="kind", action="store_const", const="yara", help="YARA rules")
+    @argument("--encoding", default="utf-8", help="encoding of a text pattern (utf-8)")
+    @argument("-p", "--pid", type=_int, action="append", dest="pids", help="only this pid")
+    @argument("--kernel", action="store_true", help="the kernel's mappings too")
+    @argument("--physical", action="store_true", help="all of RAM, mapped or not")
+    @argument("--max-hits", type=_int, default=None, help="stop after this many hits")
+    @argument("--context", type=_int, default=16, help="bytes of context each side (16)")
     @target_option
     @line_magic
     @boundary
-    def watch(self, line: str = "") -> Watcher:
+    def search(self, line: str = "") -> GuestFrame:
+        """Find a pattern in every process's memory: one row per hit and mapping.
+
+        Ctrl-C stops a long scan and keeps the hits so far; `Session.search`
+        is the same search for scripts. IPython expands `{expr}` in a magic's
+        line: write a regex quantifier as `{{3}}`.
+        """
+        import shlex
+
+        from vmishell.search.cli import run_search
+
+        try:
+            words = shlex.split(line)  # patterns are quoted like in a shell: 'de ad ?? ef'
+        except ValueError as exc:
+            raise UsageError(f"%search: {exc}") from None
+        args = self.search.parser.parse_args(words)
+        return run_search(self._target(args).session, args)
+
+    @magic_arguments()
+    @argument(
+        "before",
+        nargs="?",
+        help="a Snapshot variable or a saved snapshot file (omit to only take one)",
+    )
+    @argument("--save", metavar="FILE", help="save the snapshot taken now to FILE")
+    @argument("--hashes", action="store_true", help="hash executable file pages too")
+    @target_option
+    @line_magic
+    @boundary
+    def diff(self, line: str = "") -> Any:
+        """What changed since a snapshot: processes, uids, mappings, code pages (a DataFrame).
+
+        `snap = %diff` (no argument) takes and returns a snapshot; `%diff snap`
+        compares it with the guest now; `--save FILE` keeps the new one.
+        """
+        args = parse_argstring(self.diff, line)
+        session = self._target(args).session
+        before = None
+        if args.before:
+            before = (self.shell.user_ns if self.shell else {}).get(args.before, args.before)
+        hashes = args.hashes or bool(getattr(before, "hashes", None))
+        now = session.snapshot(hashes=hashes)
+        if args.save:
+            now.save(args.save)
+        if before is None:
+            return now
+        return session.diff(before, now)
+
+    # -- monitoring ---------------------------------------------------------------------------
+    @magic_arguments()
+    @argument(
+        "words",
+        nargs="*",
+        metavar="ADDR [LEN] | FIELD ...",
+        help="an address or expression and a length in bytes (8), or one or more fields "
+        "and symbols: task_struct.cred->uid (with -p), jiffies, init_task.comm",
+    )
+    @pid_option
+    @argument("--every", type=float, default=1.0, help="seconds between reads (default 1)")
+    @argument("--count", type=_int, default=None, help="stop after this many reads")
+    @argument(
+        "--as",
+        dest="view",
+        metavar="TYPE",
+        help="u8..u64|i8..i64|f32|f64|bytes|str, or a type: how values are compared and shown "
+        "(default: the field's type; u8..u64 for ranges of 1-8 bytes, else bytes)",
+    )
+    @argument("--list", action="store_true", help="the watches of every target")
+    @argument("--stop-all", action="store_true", help="stop every running watch")
+    @target_option
+    @line_magic
+    @boundary
+    def watch(self, line: str = "") -> Any:
         """Watch guest memory change: a live widget in Jupyter, streamed lines in a terminal.
 
         Returns the Watcher: `.history` is a DataFrame of every change with its
-        time, `.stop()` ends it. Detaching the target stops it too.
+        time, `.stop()` ends it. Detaching the target stops it too. Watching
+        the same address (or fields) of the same process again replaces the
+        old watch; `--list` shows the watches, `--stop-all` stops them.
         """
         from vmishell.frontends.watch import Watcher
 
         args = parse_argstring(self.watch, line)
+        if args.list:
+            return self.attached.watchers_frame()
+        if args.stop_all:
+            stopped = self.attached.stop_all_watchers()
+            print(f"stopped {stopped} watch{'es' if stopped != 1 else ''}")
+            return None
+        if not args.words:
+            raise UsageError("%watch needs an address or a field (or --list, --stop-all)")
         target = self._target(args)
         session = target.session
+        if args.every <= 0:
+            raise UsageError("--every must be positive")
+        if _field_words(args.words, session):
+            return self._watch_fields(target, args)
         values = self._values(args.words, session, limit=2)
         address = values[0]
         length = values[1] if len(values) > 1 else 8
+        view = args.view
+        if view is not None and view not in VIEWS:
+            length = session.profile.size_of(view) if len(values) == 1 else length
+            view = "bytes"
+        if view in TYPED_VIEWS and len(values) == 1:
+            length = TYPED_VIEWS[view][1]
         if not 0 < length <= 64 * 1024:
             raise UsageError(f"watch length must be 1..65536 bytes, not {length}")
-        if args.every <= 0:
-            raise UsageError("--every must be positive")
         process = self._process(target, args.pid)
         read_window(process, address, length)  # a bad address fails here, in one line
-        watcher = Watcher(process, address, length, every=args.every, count=args.count)
+        watcher = Watcher(process, address, length, every=args.every, count=args.count, view=view)
         self.attached.add_watcher(target, watcher)
         if self._in_notebook():
             from IPython.display import display
@@ -462,6 +565,41 @@ class VmiMagics(Magics):
             return watcher.start()
         self._stream(watcher)
         return watcher
+
+    def _watch_fields(self, target: Target, args: argparse.Namespace) -> Any:
+        """Fields and symbols: a FieldWatch (values decoded by type, pointers followed)."""
+        from IPython.display import display
+
+        session = target.session
+        w = session.watch(
+            *args.words, pid=args.pid, view=args.view, every=args.every, count=args.count
+        )
+        self.attached.add_watcher(target, w)  # type: ignore[arg-type]
+        if self._in_notebook():
+            from vmishell.monitor.view import FieldWatchView
+
+            display(FieldWatchView(w))
+            return w.start()
+
+        def emit(text: str) -> None:
+            display({"text/plain": safe_text(text)}, raw=True)
+
+        def on_sample(fw: Any, sample: Any) -> None:
+            if sample.index == 0:
+                emit(f"watching {fw.target} (pid {fw.pid}) every {fw.every:g} s; Ctrl-C stops")
+                for name, value in fw.current.items():
+                    emit(f"{_clock(sample.time)}  {name} = {value!r}")
+            if sample.error:
+                emit(f"{_clock(sample.time)}  read failed: {sample.error}")
+            for c in sample.changes:
+                emit(f"{_clock(c.time)}  {c.target}  {c.old!r} -> {c.new!r}")
+
+        w.on_sample(on_sample)
+        try:
+            w.run()
+        except KeyboardInterrupt:
+            w.stop("interrupted")
+        return w
 
     def _stream(self, watcher: Watcher) -> None:
         """Terminal mode: one line per change, until --count reads or Ctrl-C."""
@@ -486,8 +624,8 @@ class VmiMagics(Magics):
             if sample.error:
                 emit(f"{_clock(sample.time)}  read failed: {sample.error}")
             for c in sample.changes:
-                small = c.size <= 8
-                ints = f"  ({_le(c.old)} -> {_le(c.new)})" if small else ""
+                small = c.size <= 8 and c.view != "bytes"
+                ints = f"  ({c.row()[-2]!r} -> {c.row()[-1]!r})" if small else ""
                 emit(
                     f"{_clock(c.time)}  {c.address:#x} +{c.offset:#x}  {c.old.hex(' ')} -> ",
                     c.new.hex(" ") + ints,
@@ -574,8 +712,18 @@ def pid_given(line: str) -> bool:
     )
 
 
-def _le(data: bytes) -> int:
-    return int.from_bytes(data, "little")
+def _field_words(words: list[str], session: Session) -> bool:
+    """Whether %watch's words name fields or typed symbols rather than ADDR [LEN]."""
+    import re
+
+    profile = session.profile
+    for word in words:
+        m = re.match(r"^([A-Za-z_]\w*)(\.|->)", word)
+        if m is None:
+            continue
+        if profile.has_symbol(m[1]) or profile.has_type(m[1]):
+            return True
+    return len(words) > 2
 
 
 def _clock(when: float) -> str:

@@ -148,9 +148,41 @@ class Targets:
         self._current = name
         return target
 
-    def add_watcher(self, target: Target, watcher: Watcher) -> None:
+    def add_watcher(self, target: Target, watcher: Watcher) -> list[Watcher]:
+        """Track `watcher`; a running watch of the same key (pid and address, or the same
+        fields) is stopped and returned: re-running a `w = %watch` cell replaces it."""
+        replaced = [w for w in target.watchers if w.running and w.key == watcher.key]
+        for old in replaced:
+            old.stop("replaced by a new watch of the same target")
         target.watchers[:] = [w for w in target.watchers if w.running]
         target.watchers.append(watcher)
+        return replaced
+
+    def watchers(self) -> list[tuple[Target, Watcher]]:
+        """Every watch of every attached target, running or ended, oldest first."""
+        return [(t, w) for t in self._targets.values() for w in t.watchers]
+
+    def stop_all_watchers(self, reason: str = "%watch --stop-all") -> int:
+        """Stop every running watch of every target; how many were running."""
+        count = 0
+        for _t, w in self.watchers():
+            if w.running:
+                w.stop(reason)
+                count += 1
+        return count
+
+    def watchers_frame(self) -> pd.DataFrame:
+        """One row per watch: target, pid, what it watches, state and counts."""
+        import pandas as pd
+
+        from vmishell.frontends.frames import guest_frame
+
+        rows = [
+            (t.name, w.pid, w.target, w.running, w.samples, len(w.history), w.status())
+            for t, w in self.watchers()
+        ]
+        cols = ["target", "pid", "watch", "running", "samples", "changes", "status"]
+        return guest_frame(pd.DataFrame(rows, columns=cols))
 
     def detach(self, name: str | None = None) -> Target:
         """Stop the target's watchers, close its session, pick another current one."""

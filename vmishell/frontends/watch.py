@@ -16,6 +16,7 @@ only the physical source with whatever the notebook does meanwhile, and
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,15 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = [
     "time", "sample", "address", "offset", "size", "old", "new", "old_int", "new_int",
+    "old_value", "new_value",
 ]  # fmt: skip
+#: `view`s that split the range into numbers of one width: struct format and width.
+NUMBER_VIEWS: dict[str, tuple[str, int]] = {
+    "u8": ("<B", 1), "u16": ("<H", 2), "u32": ("<I", 4), "u64": ("<Q", 8),
+    "i8": ("<b", 1), "i16": ("<h", 2), "i32": ("<i", 4), "i64": ("<q", 8),
+    "f32": ("<f", 4), "f64": ("<d", 8),
+}  # fmt: skip
+VIEWS = (*NUMBER_VIEWS, "bytes", "str")
 #: Changes kept in memory per watcher (the oldest are dropped beyond this).
 MAX_HISTORY = 100_000
 MIN_INTERVAL = 0.05
@@ -49,6 +58,7 @@ class Change:
     offset: int
     old: bytes
     new: bytes
+    view: str = "bytes"
 
     @property
     def size(self) -> int:
@@ -66,7 +76,46 @@ class Change:
             self.new,
             int.from_bytes(self.old, "little") if small else None,
             int.from_bytes(self.new, "little") if small else None,
+            decode_view(self.old, self.view),
+            decode_view(self.new, self.view),
         )
+
+
+def default_view(length: int) -> str:
+    """A range of 1, 2, 4 or 8 bytes is one unsigned number; anything else is bytes."""
+    return f"u{length * 8}" if length in (1, 2, 4, 8) else "bytes"
+
+
+def decode_view(data: bytes, view: str) -> Any:
+    """One watched value as `view` shows it: a number, a C string or the bytes."""
+    number = NUMBER_VIEWS.get(view)
+    if number is not None and len(data) == number[1]:
+        return struct.unpack(number[0], data)[0]
+    if view == "str":
+        end = data.find(0)
+        return (data if end < 0 else data[:end]).decode("utf-8", "backslashreplace")
+    return data
+
+
+def typed_changes(changes: list[Change], old: bytes, new: bytes, view: str) -> list[Change]:
+    """Byte runs regrouped as whole values of the view: one change per changed number,
+    or one for the whole range (str); bytes views keep the runs."""
+    if view == "bytes" or not changes:
+        return changes
+    first = changes[0]
+    if view == "str":
+        return [Change(first.time, first.sample, first.address - first.offset, 0, old, new, view)]
+    width = NUMBER_VIEWS[view][1]
+    items = sorted({(c.offset + i) // width for c in changes for i in range(c.size)})
+    base = first.address - first.offset
+    out = []
+    for k in items:
+        lo, hi = k * width, (k + 1) * width
+        if hi <= len(new):
+            out.append(
+                Change(first.time, first.sample, base + lo, lo, old[lo:hi], new[lo:hi], view)
+            )
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +165,23 @@ class Watcher:
         every: float = 1.0,
         count: int | None = None,
         refresh: Callable[[], None] | None = None,
+        view: str | None = None,
     ) -> None:
         if length <= 0:
             raise VmiError("watch length must be positive")
+        view = view or default_view(length)
+        if view not in VIEWS:
+            raise VmiError(f"watch view {view!r} is not one of {', '.join(VIEWS)}")
+        if view in NUMBER_VIEWS and length % NUMBER_VIEWS[view][1]:
+            raise VmiError(f"{length} bytes are not whole {view} values")
         if count is not None and count < 1:
             raise VmiError("watch count must be at least 1")
         self.process = process
         self.pid = process.pid
         self.address = address
         self.length = length
+        #: How values are shown and compared: u8..u64, i8..i64, f32, f64, bytes or str.
+        self.view = view
         self.every = max(MIN_INTERVAL, float(every))
         self.count = count
         self._refresh = refresh or process.session.refresh
@@ -149,6 +206,15 @@ class Watcher:
         self._stop_listeners.append(listener)
 
     # -- state ------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[int, int]:
+        """What a new watch of the same target replaces: (pid, address)."""
+        return (self.pid, self.address)
+
+    @property
+    def target(self) -> str:
+        return f"{self.address:#x}"
+
     @property
     def running(self) -> bool:
         return not self._stop.is_set() and (self._thread is None or self._thread.is_alive())
@@ -179,7 +245,8 @@ class Watcher:
         with self._lock:
             changes = len(self._changes)
         return (
-            f"{self.length} bytes at {self.address:#x} (pid {self.pid}) every {self.every:g} s: "
+            f"{self.length} bytes at {self.address:#x} (pid {self.pid}) as {self.view} "
+            f"every {self.every:g} s: "
             f"{state}, {self.samples} reads, {changes} changes"
             + (f", last error: {self.error}" if self.error else "")
         )
@@ -207,7 +274,7 @@ class Watcher:
             both = bytes(a & b for a, b in zip(prev.readable, readable, strict=True))
             old = bytes(d if ok else 0 for d, ok in zip(prev.data, both, strict=True))
             new = bytes(d if ok else 0 for d, ok in zip(data, both, strict=True))
-            changes = diff(old, new, self.address, now, index)
+            changes = typed_changes(diff(old, new, self.address, now, index), old, new, self.view)
         sample = Sample(now, index, data, readable, tuple(changes), error)
         with self._lock:
             self.error = error
@@ -309,4 +376,15 @@ class Watcher:
                 log.exception("watch stop listener failed")
 
 
-__all__ = ["HISTORY_COLUMNS", "Change", "Sample", "Watcher", "diff"]
+__all__ = [
+    "HISTORY_COLUMNS",
+    "NUMBER_VIEWS",
+    "VIEWS",
+    "Change",
+    "Sample",
+    "Watcher",
+    "decode_view",
+    "default_view",
+    "diff",
+    "typed_changes",
+]
