@@ -91,7 +91,8 @@ def test_a_watch_view_carries_its_status_bytes_and_history() -> None:
     assert "b&gt;evil&lt;" in bundle["text/html"] and ">evil<" not in bundle["text/html"]
     assert "running, 2 reads, 1 changes" in bundle["text/plain"]
     assert "00600000  41 62 3e 65" in bundle["text/plain"]
-    assert "0x600000  0x0  1  b'<'  b'A'" in bundle["text/plain"], "the history, a row a line"
+    # The history, a row a line: the whole watched value (8 bytes), escaped like the rest.
+    assert "0x600000  0x0  8  b'<b>evil<'  b'Ab>evil<'" in bundle["text/plain"]
     assert "00600000  41 62 3e 65" in bundle["text/plain"], bundle["text/plain"]
 
 
