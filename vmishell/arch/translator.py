@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from vmishell.arch.entries import PAGE_SIZE, PRESENT, RIGHTS
 from vmishell.arch.entries import decode_flags as _decode_flags
@@ -30,6 +31,9 @@ from vmishell.arch.results import _set_t_page as _set_page
 from vmishell.arch.results import _set_t_vaddr as _set_vaddr
 from vmishell.arch.tables import DEFAULT_MAX_CACHED_TABLES, TableReader
 from vmishell.errors import PageFault, TranslationError
+
+if TYPE_CHECKING:
+    from vmishell.arch.runs import RunArrays
 from vmishell.sources.base import PhysicalSource, Registers
 
 #: Pages remembered by the TLB before it is emptied (~100 bytes each).
@@ -323,6 +327,31 @@ class Translator:
         stop = self.geometry.space_end if end is None else end
         limit = self.max_mapping_work if max_work is None else max_work
         return scan_mappings(self, start, stop, limit)
+
+    def run_arrays(
+        self, start: int = 0, end: int | None = None, *, max_work: int | None = None
+    ) -> RunArrays:
+        """The runs `mappings()` yields, as numpy arrays (vaddr, paddr, size, flags).
+
+        The bulk form for whole address spaces: page tables are decoded a
+        batch at a time with vector operations and no object is built per
+        run. Same clipping, work charges and cap as `mappings()`.
+        """
+        from vmishell.arch.runs import run_arrays
+
+        self.sync()
+        stop = self.geometry.space_end if end is None else end
+        limit = self.max_mapping_work if max_work is None else max_work
+        return run_arrays(self, start, stop, limit)
+
+    def runs(
+        self, start: int = 0, end: int | None = None, *, max_work: int | None = None
+    ) -> list[tuple[int, int, int, bool, bool, bool]]:
+        """`mappings()` as plain tuples (vaddr, paddr, size, writable, user, nx).
+
+        `Mapping(*t)` turns one into a Mapping when it is wanted.
+        """
+        return self.run_arrays(start, end, max_work=max_work).tuples()
 
     def __repr__(self) -> str:
         return (
