@@ -98,13 +98,14 @@ class AddressSpace:
                         runs.append((0, n, pos, None))
                     pos += n
                     continue
-                # A cold page: translate the rest of its leaf table in one look.
-                off = pos - page[0]
-                n = min(page[2] - off, end - pos)
-                p = page[1] + off
-                frames = frames_after(page, end - pos - n) if pos + n < end else ()
+            # Translate the rest of the page's leaf table in one look (warm or cold:
+            # a look at the table is cheaper than a TLB lookup per page).
+            off = pos - page[0]
+            n = min(page[2] - off, end - pos)
+            p = page[1] + off
+            if pos + n < end:
                 page_size = page[2]
-                for frame in frames:
+                for frame in frames_after(page, end - pos - n):
                     if run_len and run_p + run_len == p:
                         run_len += n
                     else:
@@ -114,10 +115,6 @@ class AddressSpace:
                     pos += n
                     p = frame
                     n = min(page_size, end - pos)
-            else:
-                off = pos - page[0]
-                n = min(page[2] - off, end - pos)
-                p = page[1] + off
             if run_len and run_p + run_len == p:
                 run_len += n
             else:
