@@ -53,9 +53,6 @@ class RunArrays(NamedTuple):
     size: np.ndarray
     flags: np.ndarray
 
-    def __len__(self) -> int:  # type: ignore[override]
-        return len(self.vaddr)
-
     def tuples(self) -> list[tuple[int, int, int, bool, bool, bool]]:
         """(vaddr, paddr, size, writable, user, nx) per run: `Mapping(*t)` builds one."""
         f = self.flags
@@ -211,7 +208,7 @@ def _batches(
         batch.clear()
         if not len(uv):
             return decoded
-        units = (uv, (up - uv) | uf, us)
+        units: tuple[np.ndarray, ...] = (uv, (up - uv) | uf, us)
         if len(decoded[0]):
             at = np.searchsorted(decoded[0], uv)
             units = tuple(np.insert(b, at, u) for b, u in zip(decoded, units, strict=True))
