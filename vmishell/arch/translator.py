@@ -9,6 +9,7 @@ so a live guest is seen afresh after `source.refresh()` and never before.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -74,7 +75,7 @@ class Translator:
     ) -> None:
         self.source = source
         self.mode = mode
-        self.geometry = Geometry(mode, maxphyaddr=maxphyaddr, nxe=nxe, pse=pse)
+        self.geometry = _geometry(mode, maxphyaddr, nxe, pse)
         self.dtb = dtb_from_cr3(dtb, mode, maxphyaddr)
         self.max_mapping_work = max_mapping_work
         self.reader = TableReader(source, mode.spec.entry_size, max_cached_tables=max_cached_tables)
@@ -358,6 +359,13 @@ class Translator:
             f"<Translator {self.geometry.spec.name} dtb={self.dtb:#x} "
             f"over {self.source.description}>"
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(mode: PagingMode, maxphyaddr: int, nxe: bool, pse: bool) -> Geometry:
+    """One Geometry per setting, shared by translators: `processes()` makes one translator
+    per process (for its cmdline), and building the per-level constants was a third of that."""
+    return Geometry(mode, maxphyaddr=maxphyaddr, nxe=nxe, pse=pse)
 
 
 def _outside(vaddr: int, level: str, table: int, eaddr: int) -> PageFault:
