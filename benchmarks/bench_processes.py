@@ -37,14 +37,16 @@ from vmishell.session import Session  # noqa: E402
 
 _CHILD_ATTACH = """
 import json, resource, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 from vmishell.session import Session
+ti, ci = time.perf_counter(), time.process_time()
 s = Session.attach(sys.argv[1])
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 attach_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 s.processes(threads=True)
 t2 = time.perf_counter()
-print(json.dumps({"attach": t1 - t0, "first_ps": t2 - t1, "rss_mb": attach_rss,
+print(json.dumps({"attach": t1 - t0, "attach_cpu": c1 - c0, "import_cpu": ci - c0,
+                  "first_ps": t2 - t1, "rss_mb": attach_rss,
                   "rss_with_pandas_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -55,6 +57,16 @@ def timed(fn, repeat: int) -> list[float]:
         t = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t)
+    return out
+
+
+def cpu_timed(fn, repeat: int) -> list[float]:
+    """CPU seconds of each call: steadier than wall time on a shared, loaded machine."""
+    out = []
+    for _ in range(repeat):
+        c = time.process_time()
+        fn()
+        out.append(time.process_time() - c)
     return out
 
 
@@ -80,6 +92,8 @@ def main() -> int:
         "--sleepers", type=int, default=300, help="extra processes in a booted guest (default 300)"
     )
     args = ap.parse_args()
+    load = os.getloadavg()
+    print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, CPUs {os.cpu_count()}")
 
     booted = None
     if args.guest:
@@ -101,6 +115,9 @@ def main() -> int:
             results["vmishell processes() live"] = statistics.median(
                 timed(lambda s=s: s.processes(threads=True), args.repeat)
             )
+            results["vmishell processes() live, CPU time"] = statistics.median(
+                cpu_timed(lambda s=s: s.processes(threads=True), args.repeat)
+            )
             results["vmishell task walk live"] = statistics.median(
                 timed(lambda s=s: s.tasks(), args.repeat)
             )
@@ -113,6 +130,12 @@ def main() -> int:
             _, _, out = run_child([sys.executable, "-c", _CHILD_ATTACH, f"lab:{guest.name}"])
             attach.append(json.loads(out))
         results["vmishell attach (cached profile)"] = statistics.median(a["attach"] for a in attach)
+        results["vmishell attach CPU time (import + attach)"] = statistics.median(
+            a["attach_cpu"] for a in attach
+        )
+        results["vmishell attach CPU time: import alone"] = statistics.median(
+            a["import_cpu"] for a in attach
+        )
         results["vmishell attach peak RSS MiB"] = statistics.median(a["rss_mb"] for a in attach)
         results["vmishell attach + processes() DataFrame RSS MiB"] = statistics.median(
             a["rss_with_pandas_mb"] for a in attach

@@ -167,6 +167,14 @@ class Process:
         self._begin()
         return self.translator.mappings(start, end, max_work=max_work)
 
+    def runs(
+        self, start: int = 0, end: int | None = None, *, max_work: int | None = None
+    ) -> list[tuple[int, int, int, bool, bool, bool]]:
+        """`mappings()` as plain (vaddr, paddr, size, writable, user, nx) tuples, built
+        with numpy a batch of page tables at a time: for whole address spaces."""
+        self._begin()
+        return self.translator.runs(start, end, max_work=max_work)
+
     def vmas(self) -> list[Vma]:
         if self.task is None:
             self._begin()

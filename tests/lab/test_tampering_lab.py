@@ -202,9 +202,11 @@ def test_page_table_entries_at_their_own_table_and_beyond_ram_are_answered_as_su
         fault, _ = answer(lambda: target.read(X86_64_DATA_VA + 0x1000, 16))
         padded = target.read(X86_64_DATA_VA + 0x1000, 16, pad=True)
         runs, map_seconds = answer(lambda: list(target.mappings(0, 1 << 47)))
+        arrays, arrays_seconds = answer(lambda: target.runs(0, 1 << 47))
         rows, ps_seconds = answer(reader.process_rows)
-    assert max(seconds, map_seconds, ps_seconds) < SECONDS
+    assert max(seconds, map_seconds, arrays_seconds, ps_seconds) < SECONDS
     assert not isinstance(runs, VmiError) and not isinstance(rows, VmiError)
+    assert arrays == [(m.vaddr, m.paddr, m.size, m.writable, m.user, m.nx) for m in runs]
     frames = {m.vaddr + off: m.paddr + off for m in runs for off in range(0, m.size, 0x1000)
               if m.vaddr + off in (X86_64_DATA_VA, X86_64_DATA_VA + 0x1000)}  # fmt: skip
     assert frames == {X86_64_DATA_VA: leaf.table, X86_64_DATA_VA + 0x1000: ram_end + (64 << 20)}

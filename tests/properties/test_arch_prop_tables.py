@@ -61,6 +61,8 @@ def sample_addresses(m: Mapping, data: st.DataObject) -> list[int]:
 
 def check_consistency(tr: Translator, data: st.DataObject) -> list[Mapping]:
     maps = list(tr.mappings())
+    # The batched array form gives the very same runs.
+    assert tr.runs() == [(m.vaddr, m.paddr, m.size, m.writable, m.user, m.nx) for m in maps]
     # Sorted, disjoint, and maximally coalesced.
     for a, b in itertools.pairwise(maps):
         assert a.end <= b.vaddr
@@ -113,6 +115,7 @@ def check_windows(tr: Translator, maps: list[Mapping], data: st.DataObject) -> N
                 want.append((a, m.paddr + (a - m.vaddr), z - a, m.writable, m.user, m.nx))
         got = [(m.vaddr, m.paddr, m.size, m.writable, m.user, m.nx) for m in tr.mappings(lo, hi)]
         assert got == want
+        assert tr.runs(lo, hi) == want
         # Padded read equals per-page translate + physical read.
         ref = bytearray()
         pos = lo
@@ -126,6 +129,9 @@ def check_windows(tr: Translator, maps: list[Mapping], data: st.DataObject) -> N
                 ref += src.read_padded(p, n)
             pos += n
         assert asp.read(lo, size, pad=True) == bytes(ref)
+        into = bytearray(size)
+        asp.read_into(lo, into, pad=True)
+        assert into == ref
         # Unpadded: succeeds exactly when every byte is mapped onto RAM.
         try:
             plain = asp.read(lo, size)

@@ -1,8 +1,10 @@
-"""mappings(): coalesced runs, range clipping, hostile tables stay bounded."""
+"""mappings() and its array form runs(): coalesced runs, range clipping, hostile tables
+stay bounded, and both forms charge the same work."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -23,7 +25,24 @@ def translator(b: PageTableBuilder, **kw: object) -> Translator:
 
 
 def runs(tr: Translator, *args: int, **kw: int) -> list[tuple[int, int, int, bool, bool, bool]]:
-    return [(m.vaddr, m.paddr, m.size, m.writable, m.user, m.nx) for m in tr.mappings(*args, **kw)]
+    """The runs mappings() yields; runs() (numpy, batched) must give the very same."""
+    got = [(m.vaddr, m.paddr, m.size, m.writable, m.user, m.nx) for m in tr.mappings(*args, **kw)]
+    assert tr.runs(*args, **kw) == got
+    return got
+
+
+def least_work(enumerate_all: Callable[[int], object]) -> int:
+    """The smallest max_work with which `enumerate_all(max_work)` completes."""
+    lo, hi = 0, 1 << 20
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            enumerate_all(mid)
+        except GuestDataError:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @pytest.mark.parametrize("mode", list(PagingMode))
@@ -195,11 +214,15 @@ def test_every_entry_pointing_at_one_table_is_bounded(mode: PagingMode) -> None:
     with pytest.raises(GuestDataError, match="max_work"):
         for _ in tr.mappings(max_work=20_000):
             pass
+    with pytest.raises(GuestDataError, match="max_work"):
+        tr.run_arrays(max_work=20_000)
     assert time.perf_counter() - t0 < 5
     # The translator-wide default can be lowered too.
     tr2 = translator(b, max_mapping_work=5_000)
     with pytest.raises(GuestDataError):
         list(tr2.mappings())
+    with pytest.raises(GuestDataError):
+        tr2.runs()
 
 
 def test_heavily_shared_tables_are_bounded() -> None:
@@ -217,8 +240,30 @@ def test_heavily_shared_tables_are_bounded() -> None:
             seen += 1
             assert m.size == 0x1000  # never coalesced: same frame each time
     assert seen <= 100_000
+    with pytest.raises(GuestDataError):
+        tr.run_arrays(max_work=100_000)
     # A bounded window is fine.
     assert len(list(tr.mappings(0, 0x10_0000))) == 256
+    assert len(runs(tr, 0, 0x10_0000)) == 256
+
+
+@pytest.mark.parametrize("mode", list(PagingMode))
+def test_runs_charge_exactly_the_work_of_mappings(mode: PagingMode) -> None:
+    """The batched form is exactly as strict: the same least budget completes both."""
+    b = PageTableBuilder(mode, ram_size=64 * MiB)
+    va = base_va(mode)
+    large = 4 * MiB if mode is PagingMode.LEGACY else 2 * MiB
+    b.map_range(va, 8 * MiB, 4 * large, large)  # large pages
+    b.map_range(va + 8 * large, 24 * MiB, 2 * large)  # whole page tables that are one run
+    for i in range(300):  # scattered pages over a few tables, some holes
+        if i % 7:
+            b.map(va + 16 * large + i * 0x3000, 40 * MiB + ((i * 37) % 500) * 0x1000)
+    tr = translator(b)
+    need = least_work(lambda w: list(tr.mappings(max_work=w)))
+    assert least_work(lambda w: tr.run_arrays(max_work=w)) == need
+    clipped = least_work(lambda w: list(tr.mappings(va + 0x5000, va + 17 * large, max_work=w)))
+    assert least_work(lambda w: tr.runs(va + 0x5000, va + 17 * large, max_work=w)) == clipped
+    assert runs(tr) and runs(tr, va + 0x5000, va + 17 * large)
 
 
 def test_shared_tables_within_budget_enumerate_fully() -> None:
@@ -245,8 +290,12 @@ def test_generation_change_is_seen_by_mappings() -> None:
     assert len(list(tr.mappings())) == 1
     b.map(0x3000, 0x30_0000)
     assert len(list(tr.mappings())) == 1  # copying source: tables cached
+    assert len(tr.runs()) == 1
     src.refresh()
     assert len(list(tr.mappings())) == 2
+    b.map(0x5000, 0x50_0000)
+    src.refresh()
+    assert len(tr.runs()) == 3  # runs() looks again after a refresh too
 
 
 def test_copying_source_gives_the_same_runs() -> None:

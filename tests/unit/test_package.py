@@ -64,3 +64,25 @@ def test_the_session_is_imported_on_first_use_only() -> None:
         "print(json.dumps([before, 'vmishell.session' in sys.modules, Session.__module__]))"
     )
     assert seen == [False, True, "vmishell.session"]
+
+
+def test_the_session_reads_no_package_metadata_and_imports_no_numpy() -> None:
+    """Attach-time imports: importlib.metadata (email, calendar, ...) and numpy/pandas wait
+    until something needs them."""
+    loaded = _fresh(
+        "import sys, json, vmishell.session; "
+        "print(json.dumps([m for m in ('importlib.metadata', 'numpy', 'pandas') "
+        "if m in sys.modules]))"
+    )
+    assert loaded == []
+
+
+def test_vmishell_s_own_schemes_are_those_pyproject_declares() -> None:
+    import tomllib
+
+    from vmishell import schemes
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"][schemes.GROUP] == schemes._OWN
+    assert "lab" in schemes.known()
+    assert schemes.opener("lab").__module__ == "vmishell.lab.target"

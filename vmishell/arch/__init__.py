@@ -4,7 +4,9 @@
     tr.translate(0xffffffff81000000)                  # Translation, or PageFault
     print(tr.walk(addr))                              # every level, for teaching
     for m in tr.mappings(): ...                       # coalesced runs, whole tables at a time
+    tr.run_arrays()                                   # the same as numpy arrays (whole spaces)
     AddressSpace(tr).read(addr, 4096, pad=True)       # bytes, one copy per physical run
+    AddressSpace(tr).read_into(addr, buf)             # into a reused buffer, no bytes made
 
 All four x86 paging modes (legacy 32-bit, PAE, 4-level and 5-level IA-32e)
 are data over one walker. Caches follow the source's `generation`, so a live

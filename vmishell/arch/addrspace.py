@@ -17,12 +17,17 @@ TranslationError) covers them, and `pad=True` zero-fills both alike.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from vmishell.arch.results import Page
 from vmishell.arch.translator import Translator
 from vmishell.errors import PageFault, PhysicalReadError, TranslationError
 
 _ZEROS = memoryview(bytes(1 << 16))
+#: From this size on, one physically contiguous run of a file-backed source is read
+#: with pread rather than copied out of the map (see MappedFileSource.read_file).
+PREAD_MIN = 1 << 20
 
 
 class AddressSpace:
@@ -31,6 +36,7 @@ class AddressSpace:
     def __init__(self, translator: Translator) -> None:
         self.translator = translator
         self.source = translator.source
+        self._read_file = getattr(translator.source, "read_file", None)
 
     def read(self, vaddr: int, size: int, *, pad: bool = False) -> bytes:
         """`size` bytes of virtual memory at `vaddr`.
@@ -92,13 +98,14 @@ class AddressSpace:
                         runs.append((0, n, pos, None))
                     pos += n
                     continue
-                # A cold page: translate the rest of its leaf table in one look.
-                off = pos - page[0]
-                n = min(page[2] - off, end - pos)
-                p = page[1] + off
-                frames = frames_after(page, end - pos - n) if pos + n < end else ()
+            # Translate the rest of the page's leaf table in one look (warm or cold:
+            # a look at the table is cheaper than a TLB lookup per page).
+            off = pos - page[0]
+            n = min(page[2] - off, end - pos)
+            p = page[1] + off
+            if pos + n < end:
                 page_size = page[2]
-                for frame in frames:
+                for frame in frames_after(page, end - pos - n):
                     if run_len and run_p + run_len == p:
                         run_len += n
                     else:
@@ -108,10 +115,6 @@ class AddressSpace:
                     pos += n
                     p = frame
                     n = min(page_size, end - pos)
-            else:
-                off = pos - page[0]
-                n = min(page[2] - off, end - pos)
-                p = page[1] + off
             if run_len and run_p + run_len == p:
                 run_len += n
             else:
@@ -124,7 +127,18 @@ class AddressSpace:
         return runs
 
     def _copy(self, runs: list[tuple[int, int, int, Page | None]], size: int, pad: bool) -> bytes:
-        """Copy the runs out of physical memory, each in one piece when it sits in one segment."""
+        """Copy the runs out of physical memory, each in one piece when it sits in one segment.
+
+        The result is built with one copy: a single run is one slice (or one
+        pread, when large and the source is a file), several are joined from
+        views of the map straight into the result (no bytes object per run).
+        """
+        if len(runs) == 1 and size >= PREAD_MIN and self._read_file is not None:
+            paddr, length, _, page = runs[0]
+            if page is not None:
+                data = self._read_file(paddr, length)
+                if data is not None:
+                    return data
         segs = self.translator.reader.segments
         starts = self.translator.reader.starts
         parts: list[bytes | memoryview] = []
@@ -144,6 +158,76 @@ class AddressSpace:
         if len(parts) == 1:
             return bytes(parts[0])
         return b"".join(parts)
+
+    def read_into(self, vaddr: int, buffer: bytearray | memoryview, *, pad: bool = False) -> int:
+        """Fill a writable `buffer` with the virtual memory at `vaddr`; returns its length.
+
+        The allocation-free form of `read` for large or repeated reads: each
+        physically contiguous run is copied once, straight from the source's
+        map into the caller's buffer (no bytes object in between). Faults are
+        found before anything is written; a frame outside RAM met while
+        copying raises with the buffer partly filled.
+        """
+        out = memoryview(buffer).cast("B")
+        if out.readonly:
+            raise TranslationError("read_into needs a writable buffer")
+        size = len(out)
+        if size == 0:
+            return 0
+        if self.source.generation != self.translator._generation:
+            self.translator.sync()
+        segs = self.translator.reader.segments
+        starts = self.translator.reader.starts
+        pos = 0
+        for paddr, length, v, page in self._runs(vaddr, size, pad):
+            dst = out[pos : pos + length]
+            pos += length
+            if page is None:
+                for z in range(0, length, len(_ZEROS)):
+                    n = min(len(_ZEROS), length - z)
+                    dst[z : z + n] = _ZEROS[:n]
+                continue
+            if segs:
+                i = bisect.bisect_right(starts, paddr) - 1
+                if i >= 0:
+                    seg = segs[i]
+                    off = paddr - seg.start
+                    if off + length <= len(seg.view):
+                        dst[:] = seg.view[off : off + length]
+                        continue
+            dst[:] = self._read_slow(paddr, length, v, page, pad)
+        return size
+
+    @contextmanager
+    def view(self, vaddr: int, size: int, *, pad: bool = False) -> Iterator[memoryview]:
+        """A read-only view of `size` bytes at `vaddr`, released when the block ends.
+
+        Zero-copy when the bytes are one physically contiguous run inside one
+        mapped RAM segment; otherwise a view of a copy (`read`). A view of a
+        live guest's RAM changes as the guest writes: copy what must stay.
+        No view derived from it may outlive the block (the source could not
+        be unmapped at close).
+        """
+        if size < 0:
+            raise TranslationError(f"cannot read a negative size ({size}) at {vaddr:#x}")
+        tr = self.translator
+        if self.source.generation != tr._generation:
+            tr.sync()
+        runs = self._runs(vaddr, size, pad) if size else []
+        view: memoryview | None = None
+        if len(runs) == 1 and runs[0][3] is not None:
+            paddr, length = runs[0][0], runs[0][1]
+            segs, starts = tr.reader.segments, tr.reader.starts
+            i = bisect.bisect_right(starts, paddr) - 1
+            if segs and i >= 0 and paddr - segs[i].start + length <= len(segs[i].view):
+                off = paddr - segs[i].start
+                view = segs[i].view[off : off + length].toreadonly()
+        if view is None:
+            view = memoryview(self._copy(runs, size, pad) if size else b"")
+        try:
+            yield view
+        finally:
+            view.release()
 
     def _read_slow(self, paddr: int, length: int, vaddr: int, page: Page, pad: bool) -> bytes:
         """Read a run through the source's own read(); frames outside RAM fault or pad."""

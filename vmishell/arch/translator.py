@@ -9,8 +9,10 @@ so a live guest is seen afresh after `source.refresh()` and never before.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from vmishell.arch.entries import PAGE_SIZE, PRESENT, RIGHTS
 from vmishell.arch.entries import decode_flags as _decode_flags
@@ -30,6 +32,9 @@ from vmishell.arch.results import _set_t_page as _set_page
 from vmishell.arch.results import _set_t_vaddr as _set_vaddr
 from vmishell.arch.tables import DEFAULT_MAX_CACHED_TABLES, TableReader
 from vmishell.errors import PageFault, TranslationError
+
+if TYPE_CHECKING:
+    from vmishell.arch.runs import RunArrays
 from vmishell.sources.base import PhysicalSource, Registers
 
 #: Pages remembered by the TLB before it is emptied (~100 bytes each).
@@ -70,7 +75,7 @@ class Translator:
     ) -> None:
         self.source = source
         self.mode = mode
-        self.geometry = Geometry(mode, maxphyaddr=maxphyaddr, nxe=nxe, pse=pse)
+        self.geometry = _geometry(mode, maxphyaddr, nxe, pse)
         self.dtb = dtb_from_cr3(dtb, mode, maxphyaddr)
         self.max_mapping_work = max_mapping_work
         self.reader = TableReader(source, mode.spec.entry_size, max_cached_tables=max_cached_tables)
@@ -324,11 +329,43 @@ class Translator:
         limit = self.max_mapping_work if max_work is None else max_work
         return scan_mappings(self, start, stop, limit)
 
+    def run_arrays(
+        self, start: int = 0, end: int | None = None, *, max_work: int | None = None
+    ) -> RunArrays:
+        """The runs `mappings()` yields, as numpy arrays (vaddr, paddr, size, flags).
+
+        The bulk form for whole address spaces: page tables are decoded a
+        batch at a time with vector operations and no object is built per
+        run. Same clipping, work charges and cap as `mappings()`.
+        """
+        from vmishell.arch.runs import run_arrays
+
+        self.sync()
+        stop = self.geometry.space_end if end is None else end
+        limit = self.max_mapping_work if max_work is None else max_work
+        return run_arrays(self, start, stop, limit)
+
+    def runs(
+        self, start: int = 0, end: int | None = None, *, max_work: int | None = None
+    ) -> list[tuple[int, int, int, bool, bool, bool]]:
+        """`mappings()` as plain tuples (vaddr, paddr, size, writable, user, nx).
+
+        `Mapping(*t)` turns one into a Mapping when it is wanted.
+        """
+        return self.run_arrays(start, end, max_work=max_work).tuples()
+
     def __repr__(self) -> str:
         return (
             f"<Translator {self.geometry.spec.name} dtb={self.dtb:#x} "
             f"over {self.source.description}>"
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(mode: PagingMode, maxphyaddr: int, nxe: bool, pse: bool) -> Geometry:
+    """One Geometry per setting, shared by translators: `processes()` makes one translator
+    per process (for its cmdline), and building the per-level constants was a third of that."""
+    return Geometry(mode, maxphyaddr=maxphyaddr, nxe=nxe, pse=pse)
 
 
 def _outside(vaddr: int, level: str, table: int, eaddr: int) -> PageFault:
