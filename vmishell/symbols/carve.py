@@ -1,0 +1,390 @@
+"""Build a kernel profile from the guest's own memory: BTF, kallsyms and the banner.
+
+A kernel with CONFIG_DEBUG_INFO_BTF and CONFIG_KALLSYMS_ALL carries all a
+profile needs in its read-only data, contiguous in physical memory: the BTF
+blob, the compressed kallsyms tables and `linux_banner`. The carve starts at a
+banner (cheap to find), reads a window of memory around it (the image's
+rodata), finds the kallsyms tables there by structure alone and takes the BTF
+at the physical address kallsyms implies for `__start_BTF`. kallsyms in memory
+holds run-time (KASLR-moved) addresses; the slide comes from the kernel's
+VMCOREINFO text when it is in memory, else from the architecture's default
+link address, and is taken off so the profile holds link-time addresses like
+one built from the kernel package.
+
+Everything read is guest data: windows, candidate counts and sizes are capped,
+and a profile carved here is verified against the running kernel before a
+session uses it (`vmishell.symbols.verify`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmishell.errors import ProfileError, VmiError
+from vmishell.limits import Limits
+from vmishell.os.linux.vmcoreinfo import VmcoreInfo
+from vmishell.sources.base import PhysicalSource
+from vmishell.symbols.carve_btf import BtfHeader, btf_candidates, check_blob, read_btf
+from vmishell.symbols.carve_kallsyms import carve_kallsyms
+from vmishell.symbols.finder import banners_in
+from vmishell.symbols.kallsyms import Kallsyms
+from vmishell.symbols.locations import carved_dir
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+#: Memory read on each side of a banner: the image's rodata (kallsyms, BTF) lies within.
+WINDOW = 48 << 20
+#: Banners whose surroundings are searched before giving up.
+MAX_WINDOWS = 4
+#: "KERNELOFFSET=" occurrences looked at for the VMCOREINFO text.
+MAX_VMCOREINFO_HITS = 16
+#: Default link address of `_text` (CONFIG_PHYSICAL_START 16 MiB) when no VMCOREINFO says.
+DEFAULT_TEXT = {8: 0xFFFFFFFF81000000, 4: 0xC1000000}
+#: KASLR moves the kernel by multiples of this, by less than this many bytes.
+KASLR_ALIGN = 0x200000
+KASLR_MAX = 1 << 31
+CARVED_SUFFIX = ".json.gz"
+
+NO_BTF = (
+    "the kernel in {where} has no BTF (built without CONFIG_DEBUG_INFO_BTF, like Debian's "
+    "i386 kernels): no BTF header within {window} of its banner {banner!r}. vmishell "
+    "needs the kernel's types: run `vmishell profile fetch TARGET` to find the kernel's "
+    "package by its banner and build the profile from it (its -dbg package through "
+    "pahole when it has no BTF)"
+)
+
+
+class MissingBtf(ProfileError):
+    """The guest kernel carries no BTF, so no profile can be carved from its memory."""
+
+
+@dataclass
+class CarvedKernel:
+    """What the carve found: enough to build an ISF, and where each piece was."""
+
+    banner: bytes
+    btf: bytes
+    btf_sha256: str
+    #: Link-time (un-slid) addresses, as a System.map or the package's kallsyms hold them.
+    symbols: dict[str, int]
+    slide: int
+    slide_from: str
+    pointer_size: int
+    endian: str
+    where: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def release(self) -> str:
+        m = re.match(rb"Linux version (\S+)", self.banner)
+        return m.group(1).decode("ascii", "replace") if m else "unknown"
+
+    def filename(self) -> str:
+        """linux-<release>[-<Debian version>]-btf<sha256 prefix>.json.gz: banner plus BTF."""
+        text = self.banner.decode("ascii", "replace")
+        found = re.findall(r"\bDebian (\d\S*)", text)
+        build = f"-{found[-1]}" if found else ""
+        name = f"linux-{self.release}{build}-btf{self.btf_sha256[:12]}"
+        return re.sub(r"[^A-Za-z0-9._+-]", "_", name) + CARVED_SUFFIX
+
+
+def carve_kernel(
+    source: PhysicalSource, limits: Limits | None = None, progress: Progress | None = None
+) -> CarvedKernel:
+    """Find BTF, kallsyms and the banner of the kernel in `source`."""
+    limits = limits or Limits()
+    report = progress or (lambda _stage, _fraction: None)
+    report("finding the banner", 0.0)
+    banners = banners_in(source, scan=limits.max_banner_scan)
+    if not banners:
+        raise ProfileError(f"no Linux banner in {source.description}: no kernel to carve from")
+    tried: list[tuple[int, int]] = []
+    problems: list[str] = []
+    for paddr, text in banners:
+        if any(lo <= paddr < hi for lo, hi in tried):
+            continue
+        if len(tried) >= MAX_WINDOWS:
+            break
+        lo, hi = _window(source, paddr)
+        tried.append((lo, hi))
+        headers = btf_candidates(source, lo, hi)
+        if not headers:
+            problems.append(NO_BTF.format(where=source.description, window="48 MiB",
+                                          banner=text[:60]))  # fmt: skip
+            continue
+        report("reading kallsyms", 0.2)
+        try:
+            return _carve_window(source, lo, hi, headers, report)
+        except ProfileError as exc:
+            problems.append(f"near the banner at physical {paddr:#x}: {exc}")
+    if problems and all(p.startswith("the kernel in") for p in problems):
+        raise MissingBtf(problems[0])
+    raise ProfileError("cannot carve a profile from guest memory: " + "; ".join(problems[:2]))
+
+
+def _window(source: PhysicalSource, paddr: int) -> tuple[int, int]:
+    r = source.range_of(paddr)
+    if r is None:  # pragma: no cover - banners come from RAM
+        raise ProfileError(f"banner at physical {paddr:#x} is outside RAM")
+    return max(r.start, paddr - WINDOW), min(r.end, paddr + WINDOW)
+
+
+def _carve_window(
+    source: PhysicalSource, lo: int, hi: int, headers: list[BtfHeader], report: Progress
+) -> CarvedKernel:
+    window = source.read(lo, hi - lo)
+    table = _kallsyms(window)
+    token_table = lo + table.layout.token_table
+    del window
+    syms = table.addresses
+    report("reading BTF", 0.5)
+    header, blob, btf_from, phys = _choose_btf(source, headers, syms)
+    banner = _banner(source, syms, phys)
+    if banner is None:
+        raise ProfileError(
+            "kallsyms has no linux_banner pointing at a banner (a kernel without "
+            "CONFIG_KALLSYMS_ALL lists functions only): build the profile from the kernel "
+            "package instead (`vmishell profile fetch`)"
+        )
+    ptr = 4 if syms.get("_text", syms.get("_stext", 0)) < 1 << 32 else 8
+    slide, slide_from = kaslr_slide(source, table, banner, ptr)
+    top = 1 << (8 * ptr - 1)
+    symbols = {n: (a - slide if a >= top else a) for n, a in syms.items()}
+    where = {"token_table": token_table, "btf": header.paddr}
+    return CarvedKernel(
+        banner=banner, btf=blob, btf_sha256=hashlib.sha256(blob).hexdigest(),
+        symbols=symbols, slide=slide, slide_from=f"{slide_from}; BTF {btf_from}",
+        pointer_size=ptr, endian=header.endian, where=where,
+    )  # fmt: skip
+
+
+def _kallsyms(window: bytes) -> Kallsyms:
+    errors = []
+    for ptr in (8, 4):
+        try:
+            table = carve_kallsyms(window, pointer_size=ptr)
+        except ProfileError as exc:
+            errors.append(str(exc))
+            continue
+        text = table.get("_text", table.get("_stext")) or 0
+        if ptr == 4 or text >= 1 << 63:
+            return table
+        errors.append(f"64-bit decoding puts _text at {text:#x}, not in a kernel half")
+    raise ProfileError(errors[0])
+
+
+def _choose_btf(
+    source: PhysicalSource, headers: list[BtfHeader], syms: dict[str, int]
+) -> tuple[BtfHeader, bytes, str, Callable[[int], int | None]]:
+    """The blob kallsyms places: its size is __stop_BTF - __start_BTF and, read from it,
+    `linux_banner` lands on a banner. That also gives virtual-to-physical for the image.
+
+    Without those symbols, the largest consistent blob is taken, unanchored.
+    """
+    start, stop = syms.get("__start_BTF"), syms.get("__stop_BTF")
+    banner_at = syms.get("linux_banner")
+    reasons: list[str] = []
+    if start is not None and stop is not None:
+        for header in headers:
+            if header.size != stop - start:
+                continue
+            shift = header.paddr - start
+            if banner_at is not None and not _is_banner(source, banner_at + shift):
+                reasons.append(f"BTF at {header.paddr:#x} does not put linux_banner on a banner")
+                continue
+            try:
+                header, blob = read_btf(source, header.paddr)
+            except ProfileError as exc:
+                reasons.append(str(exc))
+                continue
+            return (
+                header, blob, f"at __start_BTF (physical {header.paddr:#x})",
+                lambda vaddr, shift=shift: vaddr + shift,
+            )  # fmt: skip
+        if not reasons:
+            reasons.append(f"no BTF header of __stop_BTF - __start_BTF = {stop - start:#x} bytes")
+    for header in sorted(headers, key=lambda h: -h.size):
+        try:
+            blob = source.read(header.paddr, header.size)
+            check_blob(header, blob)
+        except VmiError as exc:
+            reasons.append(str(exc))
+            continue
+        if start is not None:
+            break  # kallsyms places the BTF, and no blob fits there: refuse a stray one
+        return header, blob, f"by header scan (physical {header.paddr:#x})", lambda _v: None
+    raise ProfileError("no BTF blob where kallsyms puts it: " + "; ".join(reasons[:2]))
+
+
+def _is_banner(source: PhysicalSource, paddr: int) -> bool:
+    try:
+        return source.read(paddr, 14) == b"Linux version "
+    except VmiError:
+        return False
+
+
+def _banner(
+    source: PhysicalSource, syms: dict[str, int], phys: Callable[[int], int | None]
+) -> bytes | None:
+    address = syms.get("linux_banner")
+    paddr = None if address is None else phys(address)
+    if paddr is None:
+        return None
+    try:
+        raw = source.read(paddr, 512)
+    except VmiError:
+        return None
+    text = raw.split(b"\0", 1)[0]
+    return text if text.startswith(b"Linux version ") else None
+
+
+def kaslr_slide(
+    source: PhysicalSource, table: Kallsyms, banner: bytes, ptr: int
+) -> tuple[int, str]:
+    """The virtual KASLR slide of the kernel whose kallsyms `table` shows run-time addresses."""
+    stext = table.get("_stext")
+    release = re.match(rb"Linux version (\S+)", banner)
+    info = find_vmcoreinfo(source, release.group(1).decode() if release else None, stext)
+    if info is not None and info.kernel_offset is not None:
+        return info.kernel_offset, "KASLR slide from the kernel's VMCOREINFO"
+    text = table.get("_text", stext) or 0
+    default = DEFAULT_TEXT[ptr]
+    slide = text - default
+    if 0 <= slide < KASLR_MAX and slide % KASLR_ALIGN == 0:
+        return slide, f"KASLR slide assuming _text links at {default:#x} (no VMCOREINFO)"
+    raise ProfileError(
+        f"cannot tell the kernel's KASLR slide: no VMCOREINFO in memory and _text at {text:#x} "
+        f"is not the default {default:#x} moved on a 2 MiB grid"
+    )
+
+
+def find_vmcoreinfo(
+    source: PhysicalSource, release: str | None, stext: int | None
+) -> VmcoreInfo | None:
+    """The kernel's VMCOREINFO text in memory, checked against its release and `_stext`."""
+    for n, hit in enumerate(source.find(b"KERNELOFFSET=")):
+        if n >= MAX_VMCOREINFO_HITS:
+            break
+        page = hit & ~0xFFF
+        try:
+            raw = source.read(page, min(4096, source.size - page))
+        except VmiError:
+            continue
+        begin = raw.rfind(b"OSRELEASE=", 0, hit - page)
+        if begin < 0:
+            continue
+        text = raw[begin:].split(b"\0", 1)[0].decode("ascii", "replace")
+        try:
+            info = VmcoreInfo.parse(text)
+            if release is not None and info.release != release:
+                continue
+            if stext is not None and info.symbol("_stext") not in (None, stext):
+                continue
+            if info.kernel_offset is None:
+                continue
+        except VmiError:
+            continue
+        return info
+    return None
+
+
+def carved_isf(carved: CarvedKernel, source_name: str, progress: Progress | None = None) -> dict:
+    """The ISF of a carved kernel, built like one from its package."""
+    from vmishell.symbols.isf_build import build_isf
+
+    producer = {
+        "kernel": f"guest memory of {source_name}",
+        "types_from": "BTF in guest memory",
+        "symbols_from": "kallsyms in guest memory",
+        "btf_sha256": carved.btf_sha256,
+        "kaslr": carved.slide_from,
+    }
+    return build_isf(
+        carved.btf,
+        carved.symbols,
+        banner=carved.banner,
+        pointer_size=carved.pointer_size,
+        endian=carved.endian,
+        producer=producer,
+        progress=progress,
+    )
+
+
+def carve_profile(
+    source: PhysicalSource,
+    limits: Limits | None = None,
+    *,
+    cache: bool = True,
+    progress: Progress | None = None,
+) -> Any:
+    """A Profile carved from `source`; written to the carved-profiles cache in the background.
+
+    The cache file is named by banner and BTF checksum, and the finder searches
+    that folder, so the next attach to this kernel loads it instead of carving.
+    """
+    from vmishell.symbols.profile import Profile
+
+    carved = carve_kernel(source, limits, progress)
+    isf = carved_isf(carved, source.description, progress)
+    name = carved.filename().removesuffix(CARVED_SUFFIX)
+    profile = Profile.from_isf(isf, name=name)
+    if cache:
+        path = carved_dir() / carved.filename()
+        profile.path = path
+        _save_in_background(isf, path)
+    return profile
+
+
+_writers: list[threading.Thread] = []
+
+
+def _save_in_background(isf: dict, path: Path) -> None:
+    """Write (and compile into the profile cache) without delaying the attach."""
+
+    def save() -> None:
+        from vmishell.symbols.isf_build import write_isf
+        from vmishell.symbols.profile import load_profile
+
+        try:
+            write_isf(isf, path)
+            load_profile(path)
+        except (OSError, VmiError) as exc:
+            log.warning("carved profile not cached at %s: %s", path, exc)
+
+    thread = threading.Thread(target=save, name="vmishell-carve-save")
+    _writers.append(thread)
+    thread.start()
+
+
+def wait_for_cache() -> None:
+    """Block until carved profiles started in the background are on disk (tests, CLI)."""
+    while _writers:
+        _writers.pop().join()
+
+
+def find_or_carve(source: PhysicalSource, limits: Limits | None = None) -> Any:
+    """The matching profile on disk, else one carved from `source` (verify it before use)."""
+    from vmishell.symbols.finder import find_profile
+
+    try:
+        return find_profile(source, limits=limits)
+    except ProfileError as missing:
+        try:
+            return carve_profile(source, limits)
+        except MissingBtf as exc:
+            raise MissingBtf(f"{missing}. Carving from memory failed too: {exc}") from exc
+        except ProfileError as exc:
+            raise ProfileError(f"{missing}. Carving from memory failed too: {exc}") from exc
+
+
+def is_carved(profile: Any) -> bool:
+    """Whether a profile came from guest memory (fresh or from the carved cache)."""
+    return bool(profile.producer.get("btf_sha256")) or profile.origin == "carved"
