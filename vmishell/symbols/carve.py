@@ -29,7 +29,6 @@ from typing import Any
 
 from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
-from vmishell.os.linux.vmcoreinfo import VmcoreInfo
 from vmishell.sources.base import PhysicalSource
 from vmishell.symbols.carve_btf import BtfHeader, btf_candidates, check_blob, read_btf
 from vmishell.symbols.carve_kallsyms import carve_kallsyms
@@ -253,8 +252,9 @@ def kaslr_slide(
     stext = table.get("_stext")
     release = re.match(rb"Linux version (\S+)", banner)
     info = find_vmcoreinfo(source, release.group(1).decode() if release else None, stext)
-    if info is not None and info.kernel_offset is not None:
-        return info.kernel_offset, "KASLR slide from the kernel's VMCOREINFO"
+    offset = None if info is None else _hex(info, "KERNELOFFSET")
+    if offset is not None:
+        return offset, "KASLR slide from the kernel's VMCOREINFO"
     text = table.get("_text", stext) or 0
     default = DEFAULT_TEXT[ptr]
     slide = text - default
@@ -266,9 +266,25 @@ def kaslr_slide(
     )
 
 
+def _vmcoreinfo_entries(text: str) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    for line in text.splitlines()[:4096]:
+        key, eq, value = line.partition("=")
+        if eq and key and key not in entries:
+            entries[key] = value.strip()
+    return entries
+
+
+def _hex(entries: dict[str, str], key: str) -> int | None:
+    try:
+        return int(entries[key], 16)
+    except (KeyError, ValueError):
+        return None
+
+
 def find_vmcoreinfo(
     source: PhysicalSource, release: str | None, stext: int | None
-) -> VmcoreInfo | None:
+) -> dict[str, str] | None:
     """The kernel's VMCOREINFO text in memory, checked against its release and `_stext`."""
     for n, hit in enumerate(source.find(b"KERNELOFFSET=")):
         if n >= MAX_VMCOREINFO_HITS:
@@ -282,15 +298,12 @@ def find_vmcoreinfo(
         if begin < 0:
             continue
         text = raw[begin:].split(b"\0", 1)[0].decode("ascii", "replace")
-        try:
-            info = VmcoreInfo.parse(text)
-            if release is not None and info.release != release:
-                continue
-            if stext is not None and info.symbol("_stext") not in (None, stext):
-                continue
-            if info.kernel_offset is None:
-                continue
-        except VmiError:
+        info = _vmcoreinfo_entries(text)
+        if release is not None and info.get("OSRELEASE") != release:
+            continue
+        if stext is not None and _hex(info, "SYMBOL(_stext)") not in (None, stext):
+            continue
+        if _hex(info, "KERNELOFFSET") is None:
             continue
         return info
     return None

@@ -13,14 +13,18 @@ could belong to another build).
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from vmishell.errors import ProfileError, VmiError
-from vmishell.os.linux.guest import LinuxGuest
 from vmishell.symbols.carve_btf import HEADER_LEN, parse_header
 
 
-def verify_profile(guest: LinuxGuest) -> list[str]:
-    """The checks passed, one line each; ProfileError names the first that failed."""
+def verify_profile(guest: Any) -> list[str]:
+    """The checks passed, one line each; ProfileError names the first that failed.
+
+    `guest` is a located `vmishell.os.linux.guest.LinuxGuest` (not imported:
+    the symbols layer sits below the OS layer).
+    """
     name = guest.profile.name
     done: list[str] = []
     try:
@@ -41,7 +45,7 @@ def verify_profile(guest: LinuxGuest) -> list[str]:
     return done
 
 
-def _init_task_is_swapper(guest: LinuxGuest) -> str:
+def _init_task_is_swapper(guest: Any) -> str:
     comm = guest.init_task + guest.profile.offset_of("task_struct", "comm")
     text = guest.reader.space.read(comm, 16).split(b"\0")[0]
     if text != b"swapper/0":
@@ -49,7 +53,7 @@ def _init_task_is_swapper(guest: LinuxGuest) -> str:
     return "init_task.comm is swapper/0"
 
 
-def _user_stack_translates(guest: LinuxGuest, tasks: list) -> str:
+def _user_stack_translates(guest: Any, tasks: list) -> str:
     start_stack = guest.profile.offset_of("mm_struct", "start_stack")
     users = [t for t in tasks if t.mm and not t.kernel_thread and not t.error]
     if not users:
@@ -66,7 +70,7 @@ def _user_stack_translates(guest: LinuxGuest, tasks: list) -> str:
     raise ProfileError("no user process's mm->pgd translates its own stack: " + problems[0])
 
 
-def _btf_matches(guest: LinuxGuest) -> str | None:
+def _btf_matches(guest: Any) -> str | None:
     wanted = guest.profile.producer.get("btf_sha256")
     profile = guest.profile
     if not wanted or not profile.has_symbol("__start_BTF"):
