@@ -120,3 +120,20 @@ def test_an_i386_guest_without_btf_is_told_what_is_missing(
         Session.lab(guest.name)
     message = str(err.value)
     assert "no BTF" in message and "vmishell profile fetch" in message
+
+
+def test_profile_fetch_builds_the_i386_profile_from_the_banners_package_and_attach_works(
+    lab_guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmishell.lab.fetch import fetch_profile
+
+    guest = lab_guest("i386-pae")
+    nothing_prepared(tmp_path, monkeypatch)
+    path, checks = fetch_profile(f"lab:{guest.name}", say=lambda _m: None)
+    assert path.parent == tmp_path / "xdg" / "vmishell" / "built-profiles"
+    assert any(c.startswith("task list closes") for c in checks)
+    assert any("translates its stack" in c for c in checks)
+    truth = guest.truth()
+    with Session.lab(guest.name) as s:  # the finder now has it
+        assert s.profile.path == path
+        assert truth.marker_pid in set(s.processes().pid)
