@@ -13,6 +13,9 @@ the result must look like a kernel's table: sorted, of a plausible size, with
 from __future__ import annotations
 
 import struct
+from itertools import pairwise
+
+import numpy as np
 
 from vmishell.errors import ProfileError
 from vmishell.symbols.kallsyms import _DIGITS, Kallsyms, _Finder, _NotHere
@@ -35,7 +38,7 @@ def carve_kallsyms(
     Addresses are as the tables hold them in memory: relocated by KASLR when
     the kernel relocated itself. ProfileError says what was tried.
     """
-    finder = _Finder(window, pointer_size, endian)
+    finder = _MemoryFinder(window, pointer_size, endian)
     rejected: list[str] = []
     pos = window.find(_DIGITS)
     tried = 0
@@ -66,3 +69,58 @@ def _implausible(table: Kallsyms) -> str | None:
     if table.get("_text") is None and table.get("_stext") is None:
         return "no _text or _stext among the symbols"
     return None
+
+
+class _MemoryFinder(_Finder):
+    """The kallsyms decoders, with the 6.2+ search for `kallsyms_num_syms` vectorised.
+
+    That search tests every aligned word up to 32 MiB below the token table,
+    which in Python costs about a second per candidate; numpy keeps only the
+    words that can be a count whose tables fit (a handful), and the decoders'
+    own checks run on those.
+    """
+
+    def _names_and_markers(
+        self, table: int, tokens: list[bytes]
+    ) -> tuple[int, int, int, int, list[int], int | None]:
+        widths = sorted({self.ptr, 4}, reverse=True)
+        for width in widths:  # up to 6.1: the markers end right before the token table
+            found = self._markers_back_from(table, width, max(0, table - (1 << 22)))
+            if found is None or len(found[1]) < 1:
+                continue
+            markers_at, markers = found
+            hit = self._num_syms_before(markers_at, markers, tokens)
+            if hit:
+                return hit[0], hit[1], hit[2], markers_at, markers, None
+        for p in self._count_positions(table):
+            n = self.u32(p)
+            m = (n + 255) // 256
+            seqs = table - self.align(3 * n)
+            for width in widths:
+                for markers_at in {seqs - self.align(width * m), seqs - width * m}:
+                    if markers_at <= p or self.uint(markers_at, width) != 0:
+                        continue
+                    markers = [self.uint(markers_at + width * k, width) for k in range(m)]
+                    if any(b <= a for a, b in pairwise(markers)):
+                        continue
+                    names = self.align(p + 4)
+                    if names + markers[-1] >= markers_at:
+                        continue
+                    if self._names_fit(names, n, tokens, markers, markers_at):
+                        return names, p, n, markers_at, markers, seqs
+        raise _NotHere("no kallsyms_markers/kallsyms_names/kallsyms_num_syms before the tokens")
+
+    def _count_positions(self, table: int) -> list[int]:
+        """Word positions below `table`, nearest first, holding a count n >= 256 whose
+        names (at least 8 bytes each with markers and seqs) fit before the table."""
+        top = table - 4 - (table % 4)
+        lo = max(0, table - (1 << 25))
+        lo += (top - lo) % 4
+        if top <= lo:
+            return []
+        count = (top - lo) // 4 + 1
+        words = np.frombuffer(self.data, dtype=self.bo + "u4", count=count, offset=lo)
+        # (table - p) // 8 for every word position p, in 32 bits: the distance is < 32 MiB.
+        room = (np.uint32(table - lo) - np.arange(count, dtype=np.uint32) * np.uint32(4)) >> 3
+        hits = np.nonzero((words >= 256) & (words <= room))[0]
+        return [lo + 4 * int(i) for i in hits[::-1]]
