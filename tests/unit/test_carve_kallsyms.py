@@ -41,7 +41,7 @@ def test_a_table_too_small_for_a_kernel_is_refused() -> None:
     syms = make_symbols(8, count=40)
     data = embed(build_tables(syms, ptr=8, layout="6.1", mode="relative"))
     assert len(find_kallsyms(data)) < 256
-    with pytest.raises(ProfileError, match="only .* symbols"):
+    with pytest.raises(ProfileError, match=r"only \d+ symbols"):
         carve_kallsyms(data)
 
 
