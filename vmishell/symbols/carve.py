@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -31,9 +32,9 @@ from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
 from vmishell.sources.base import PhysicalSource
 from vmishell.symbols.carve_btf import BtfHeader, btf_candidates, check_blob, read_btf
+from vmishell.symbols.carve_kallsyms import MAX_CANDIDATES as MAX_KALLSYMS_CANDIDATES
 from vmishell.symbols.carve_kallsyms import carve_kallsyms
-from vmishell.symbols.finder import banners_in
-from vmishell.symbols.kallsyms import Kallsyms
+from vmishell.symbols.kallsyms import _DIGITS, Kallsyms
 from vmishell.symbols.locations import carved_dir
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ Progress = Callable[[str, float], None]
 WINDOW = 48 << 20
 #: Banners whose surroundings are searched before giving up.
 MAX_WINDOWS = 4
+#: Banners in a window tried as `linux_banner` (a 6.1 image holds two or three).
+MAX_BANNERS = 16
 #: "KERNELOFFSET=" occurrences looked at for the VMCOREINFO text.
 MAX_VMCOREINFO_HITS = 16
 #: Default link address of `_text` (CONFIG_PHYSICAL_START 16 MiB) when no VMCOREINFO says.
@@ -102,29 +105,28 @@ def carve_kernel(
     limits = limits or Limits()
     report = progress or (lambda _stage, _fraction: None)
     report("finding the banner", 0.0)
-    banners = banners_in(source, scan=limits.max_banner_scan)
-    if not banners:
-        raise ProfileError(f"no Linux banner in {source.description}: no kernel to carve from")
     tried: list[tuple[int, int]] = []
     problems: list[str] = []
-    for paddr, text in banners:
+    for n, paddr in enumerate(source.find(b"Linux version ")):
+        if n >= limits.max_banner_scan or len(tried) >= MAX_WINDOWS:
+            break
         if any(lo <= paddr < hi for lo, hi in tried):
             continue
-        if len(tried) >= MAX_WINDOWS:
-            break
         lo, hi = _window(source, paddr)
         tried.append((lo, hi))
-        headers = btf_candidates(source, lo, hi)
-        if not headers:
-            problems.append(NO_BTF.format(where=source.description, window="48 MiB",
-                                          banner=text[:60]))  # fmt: skip
-            continue
         report("reading kallsyms", 0.2)
         try:
-            return _carve_window(source, lo, hi, headers, report)
+            return _carve_window(source, paddr, lo, hi, report)
+        except MissingBtf as exc:
+            problems.append(str(exc))
         except ProfileError as exc:
-            problems.append(f"near the banner at physical {paddr:#x}: {exc}")
-    if problems and all(p.startswith("the kernel in") for p in problems):
+            if not btf_candidates(source, lo, hi):
+                problems.append(_no_btf(source, paddr))
+            else:
+                problems.append(f"near the banner at physical {paddr:#x}: {exc}")
+    if not tried:
+        raise ProfileError(f"no Linux banner in {source.description}: no kernel to carve from")
+    if all(p.startswith("the kernel in") for p in problems):
         raise MissingBtf(problems[0])
     raise ProfileError("cannot carve a profile from guest memory: " + "; ".join(problems[:2]))
 
@@ -136,16 +138,29 @@ def _window(source: PhysicalSource, paddr: int) -> tuple[int, int]:
     return max(r.start, paddr - WINDOW), min(r.end, paddr + WINDOW)
 
 
+def _no_btf(source: PhysicalSource, paddr: int) -> str:
+    text = source.read(paddr, min(80, source.size - paddr)).split(b"\0")[0]
+    return NO_BTF.format(
+        where=source.description, window="48 MiB", banner=text.decode("ascii", "replace")
+    )
+
+
 def _carve_window(
-    source: PhysicalSource, lo: int, hi: int, headers: list[BtfHeader], report: Progress
+    source: PhysicalSource, paddr: int, lo: int, hi: int, report: Progress
 ) -> CarvedKernel:
-    window = source.read(lo, hi - lo)
-    table = _kallsyms(window)
-    token_table = lo + table.layout.token_table
-    del window
+    """kallsyms first (rodata follows the banner), then the BTF and banner they place."""
+    try:
+        table, token_table = _kallsyms_near(source, paddr, hi)
+    except ProfileError as after:
+        try:
+            table, token_table = _kallsyms_near(source, lo, paddr)
+        except ProfileError:
+            raise after from None
     syms = table.addresses
     report("reading BTF", 0.5)
-    header, blob, btf_from, phys = _choose_btf(source, headers, syms)
+    if "__start_BTF" not in syms and not btf_candidates(source, lo, hi):
+        raise MissingBtf(_no_btf(source, paddr))
+    header, blob, btf_from, phys = _choose_btf(source, lo, hi, syms)
     banner = _banner(source, syms, phys)
     if banner is None:
         raise ProfileError(
@@ -154,7 +169,7 @@ def _carve_window(
             "package instead (`vmishell profile fetch`)"
         )
     ptr = 4 if syms.get("_text", syms.get("_stext", 0)) < 1 << 32 else 8
-    slide, slide_from = kaslr_slide(source, table, banner, ptr)
+    slide, slide_from = kaslr_slide(source, table, banner, ptr, phys)
     top = 1 << (8 * ptr - 1)
     symbols = {n: (a - slide if a >= top else a) for n, a in syms.items()}
     where = {"token_table": token_table, "btf": header.paddr}
@@ -165,11 +180,35 @@ def _carve_window(
     )  # fmt: skip
 
 
-def _kallsyms(window: bytes) -> Kallsyms:
+#: Memory read below and above a token table: (small, then large) for names and offsets.
+SPANS = ((8 << 20, 2 << 20), (33 << 20, 8 << 20))
+
+
+def _kallsyms_near(source: PhysicalSource, lo: int, hi: int) -> tuple[Kallsyms, int]:
+    """The kallsyms tables at one of the first token-table digit runs in [lo, hi), and
+    the physical address of their token table. Only a span around each run is read."""
+    errors: list[str] = []
+    for n, paddr in enumerate(source.find(_DIGITS, lo, hi)):
+        if n >= MAX_KALLSYMS_CANDIDATES:
+            errors.append(f"more than {MAX_KALLSYMS_CANDIDATES} candidates: the rest not tried")
+            break
+        for below, above in SPANS:
+            start, end = max(lo, paddr - below), min(hi, paddr + above)
+            try:
+                table = _kallsyms(source.read(start, end - start), paddr - start)
+                return table, start + table.layout.token_table
+            except ProfileError as exc:
+                problem = str(exc)
+        errors.append(problem)
+    detail = "; ".join(errors[:2]) if errors else "no kallsyms_token_table digit run"
+    raise ProfileError(f"no kallsyms tables near the banner: {detail}")
+
+
+def _kallsyms(window: bytes, at: int) -> Kallsyms:
     errors = []
     for ptr in (8, 4):
         try:
-            table = carve_kallsyms(window, pointer_size=ptr)
+            table = carve_kallsyms(window, pointer_size=ptr, max_candidates=1, start=at)
         except ProfileError as exc:
             errors.append(str(exc))
             continue
@@ -181,46 +220,54 @@ def _kallsyms(window: bytes) -> Kallsyms:
 
 
 def _choose_btf(
-    source: PhysicalSource, headers: list[BtfHeader], syms: dict[str, int]
+    source: PhysicalSource, lo: int, hi: int, syms: dict[str, int]
 ) -> tuple[BtfHeader, bytes, str, Callable[[int], int | None]]:
-    """The blob kallsyms places: its size is __stop_BTF - __start_BTF and, read from it,
-    `linux_banner` lands on a banner. That also gives virtual-to-physical for the image.
+    """The blob kallsyms places, and with it virtual-to-physical for the image.
 
-    Without those symbols, the largest consistent blob is taken, unanchored.
+    Each banner in [lo, hi) is a guess for `linux_banner`; the guess holds when
+    a BTF header of exactly __stop_BTF - __start_BTF bytes sits at `__start_BTF`
+    moved the same way. Without those symbols, the largest consistent blob in
+    the window is taken, unanchored (and the banner cannot be placed).
     """
     start, stop = syms.get("__start_BTF"), syms.get("__stop_BTF")
     banner_at = syms.get("linux_banner")
     reasons: list[str] = []
-    if start is not None and stop is not None:
-        for header in headers:
-            if header.size != stop - start:
-                continue
-            shift = header.paddr - start
-            if banner_at is not None and not _is_banner(source, banner_at + shift):
-                reasons.append(f"BTF at {header.paddr:#x} does not put linux_banner on a banner")
-                continue
+    if start is not None and stop is not None and banner_at is not None:
+        for n, hit in enumerate(source.find(b"Linux version ", lo, hi)):
+            if n >= MAX_BANNERS:
+                break
+            shift = hit - banner_at
+            paddr = start + shift
             try:
-                header, blob = read_btf(source, header.paddr)
+                header, blob = read_btf(source, paddr)
             except ProfileError as exc:
                 reasons.append(str(exc))
                 continue
+            if header.size != stop - start:
+                reasons.append(
+                    f"BTF at __start_BTF (physical {paddr:#x}) holds {header.size:#x} bytes, "
+                    f"not __stop_BTF - __start_BTF = {stop - start:#x}"
+                )
+                continue
             return (
-                header, blob, f"at __start_BTF (physical {header.paddr:#x})",
+                header, blob, f"at __start_BTF (physical {paddr:#x})",
                 lambda vaddr, shift=shift: vaddr + shift,
             )  # fmt: skip
-        if not reasons:
-            reasons.append(f"no BTF header of __stop_BTF - __start_BTF = {stop - start:#x} bytes")
-    for header in sorted(headers, key=lambda h: -h.size):
+        raise ProfileError(
+            "no banner in memory, taken as linux_banner, puts a BTF blob at __start_BTF: "
+            + ("; ".join(reasons[-2:]) or "no banner matches linux_banner")
+        )
+    if start is not None:
+        raise ProfileError("kallsyms lists __start_BTF but not __stop_BTF and linux_banner")
+    for header in sorted(btf_candidates(source, lo, hi), key=lambda h: -h.size):
         try:
             blob = source.read(header.paddr, header.size)
             check_blob(header, blob)
         except VmiError as exc:
             reasons.append(str(exc))
             continue
-        if start is not None:
-            break  # kallsyms places the BTF, and no blob fits there: refuse a stray one
         return header, blob, f"by header scan (physical {header.paddr:#x})", lambda _v: None
-    raise ProfileError("no BTF blob where kallsyms puts it: " + "; ".join(reasons[:2]))
+    raise ProfileError("no consistent BTF blob near the kallsyms tables: " + "; ".join(reasons[:2]))
 
 
 def _is_banner(source: PhysicalSource, paddr: int) -> bool:
@@ -246,12 +293,19 @@ def _banner(
 
 
 def kaslr_slide(
-    source: PhysicalSource, table: Kallsyms, banner: bytes, ptr: int
+    source: PhysicalSource,
+    table: Kallsyms,
+    banner: bytes,
+    ptr: int,
+    phys: Callable[[int], int | None] = lambda _v: None,
 ) -> tuple[int, str]:
     """The virtual KASLR slide of the kernel whose kallsyms `table` shows run-time addresses."""
     stext = table.get("_stext")
     release = re.match(rb"Linux version (\S+)", banner)
-    info = find_vmcoreinfo(source, release.group(1).decode() if release else None, stext)
+    wanted = release.group(1).decode() if release else None
+    info = _vmcoreinfo_at_pointer(source, table, phys, wanted, stext)
+    if info is None:
+        info = find_vmcoreinfo(source, wanted, stext)
     offset = None if info is None else _hex(info, "KERNELOFFSET")
     if offset is not None:
         return offset, "KASLR slide from the kernel's VMCOREINFO"
@@ -264,6 +318,43 @@ def kaslr_slide(
         f"cannot tell the kernel's KASLR slide: no VMCOREINFO in memory and _text at {text:#x} "
         f"is not the default {default:#x} moved on a 2 MiB grid"
     )
+
+
+def _vmcoreinfo_at_pointer(
+    source: PhysicalSource,
+    table: Kallsyms,
+    phys: Callable[[int], int | None],
+    release: str | None,
+    stext: int | None,
+) -> dict[str, str] | None:
+    """x86_64: the page `vmcoreinfo_data` points at, through `page_offset_base`: no scan."""
+    data_at, base_at = table.get("vmcoreinfo_data"), table.get("page_offset_base")
+    if data_at is None or base_at is None:
+        return None
+    slots = phys(data_at), phys(base_at)
+    if slots[0] is None or slots[1] is None:
+        return None
+    try:
+        pointer = int.from_bytes(source.read(slots[0], 8), "little")
+        page_offset = int.from_bytes(source.read(slots[1], 8), "little")
+        paddr = pointer - page_offset
+        if not 0 <= paddr < source.size or paddr % 4096:
+            return None
+        raw = source.read(paddr, 4096)
+    except VmiError:
+        return None
+    return _checked_vmcoreinfo(raw.split(b"\0", 1)[0], release, stext)
+
+
+def _checked_vmcoreinfo(
+    raw: bytes, release: str | None, stext: int | None
+) -> dict[str, str] | None:
+    info = _vmcoreinfo_entries(raw.decode("ascii", "replace"))
+    if release is not None and info.get("OSRELEASE") != release:
+        return None
+    if stext is not None and _hex(info, "SYMBOL(_stext)") not in (None, stext):
+        return None
+    return info if _hex(info, "KERNELOFFSET") is not None else None
 
 
 def _vmcoreinfo_entries(text: str) -> dict[str, str]:
@@ -297,15 +388,9 @@ def find_vmcoreinfo(
         begin = raw.rfind(b"OSRELEASE=", 0, hit - page)
         if begin < 0:
             continue
-        text = raw[begin:].split(b"\0", 1)[0].decode("ascii", "replace")
-        info = _vmcoreinfo_entries(text)
-        if release is not None and info.get("OSRELEASE") != release:
-            continue
-        if stext is not None and _hex(info, "SYMBOL(_stext)") not in (None, stext):
-            continue
-        if _hex(info, "KERNELOFFSET") is None:
-            continue
-        return info
+        info = _checked_vmcoreinfo(raw[begin:].split(b"\0", 1)[0], release, stext)
+        if info is not None:
+            return info
     return None
 
 
@@ -360,7 +445,12 @@ _writers: list[threading.Thread] = []
 
 
 def _save_in_background(isf: dict, path: Path) -> None:
-    """Write (and compile into the profile cache) without delaying the attach."""
+    """Write the ISF (and compile it into the profile cache) without delaying the attach.
+
+    The work (JSON, gzip, compiling: seconds of CPU) runs in a forked child
+    where the platform allows, so it neither holds this process's GIL nor
+    makes the caller wait; a thread reaps the child. Elsewhere a thread does it.
+    """
 
     def save() -> None:
         from vmishell.symbols.isf_build import write_isf
@@ -372,7 +462,19 @@ def _save_in_background(isf: dict, path: Path) -> None:
         except (OSError, VmiError) as exc:
             log.warning("carved profile not cached at %s: %s", path, exc)
 
-    thread = threading.Thread(target=save, name="vmishell-carve-save")
+    fork = getattr(os, "fork", None)
+    if fork is None:
+        thread = threading.Thread(target=save, name="vmishell-carve-save")
+    else:
+        pid = fork()
+        if pid == 0:  # the child: save, then leave without running the parent's cleanup
+            code = 1
+            try:
+                save()
+                code = 0
+            finally:
+                os._exit(code)
+        thread = threading.Thread(target=os.waitpid, args=(pid, 0), name="vmishell-carve-save")
     _writers.append(thread)
     thread.start()
 

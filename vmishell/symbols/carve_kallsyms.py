@@ -32,15 +32,17 @@ def carve_kallsyms(
     pointer_size: int = 8,
     endian: str = "little",
     max_candidates: int = MAX_CANDIDATES,
+    start: int = 0,
 ) -> Kallsyms:
     """The kallsyms of the kernel whose read-only data lies in `window`.
 
     Addresses are as the tables hold them in memory: relocated by KASLR when
-    the kernel relocated itself. ProfileError says what was tried.
+    the kernel relocated itself. Candidates are the token-table digit runs from
+    `start` on. ProfileError says what was tried.
     """
     finder = _MemoryFinder(window, pointer_size, endian)
     rejected: list[str] = []
-    pos = window.find(_DIGITS)
+    pos = window.find(_DIGITS, start)
     tried = 0
     while pos >= 0 and tried < max_candidates:
         tried += 1
