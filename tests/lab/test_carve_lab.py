@@ -137,3 +137,24 @@ def test_profile_fetch_builds_the_i386_profile_from_the_banners_package_and_atta
     with Session.lab(guest.name) as s:  # the finder now has it
         assert s.profile.path == path
         assert truth.marker_pid in set(s.processes().pid)
+
+
+def test_volatility3_runs_pslist_with_the_carved_profile(
+    lab_guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmishell.interop.volatility import run_plugin
+
+    guest = lab_guest("x86_64")
+    dump = guest.dump(tmp_path / "x86_64.raw", "raw")
+    nothing_prepared(tmp_path, monkeypatch)
+    with Session.image(dump) as s:
+        assert s.profile.origin == "carved"
+        wait_for_cache()  # Volatility3 reads the ISF file
+        vol = run_plugin(s, "linux.pslist")
+        ours = s.processes(threads=False)
+    dump.unlink()
+    mine = ours[ours.pid != 0].sort_values("pid")
+    theirs = vol.sort_values("PID")
+    assert list(theirs.PID) == list(mine.pid)
+    assert list(theirs.PPID) == list(mine.ppid)
+    assert list(theirs.COMM) == [c[:15] for c in mine.comm]
