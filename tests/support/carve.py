@@ -21,6 +21,9 @@ IMAGE_PADDR = 0x1000000
 BANNER = b"Linux version 6.1.0-99-amd64 (debian-kernel@lists.debian.org) #1 SMP Debian 6.1.999-1"
 # Offsets inside the image of what the symbols name.
 BANNER_AT, TABLES_AT, BTF_AT, INIT_TASK_AT, END_AT = 0x10000, 0x20000, 0x80000, 0xC0000, 0x100000
+#: x86_64's variables that lead to the VMCOREINFO page: page_offset_base and vmcoreinfo_data.
+PAGE_OFFSET_BASE_AT, VMCOREINFO_DATA_AT = 0xD0000, 0xD0008
+PAGE_OFFSET = 0xFFFF888000000000
 
 
 @dataclass
@@ -42,6 +45,8 @@ def link_symbols(btf_len: int) -> list[Symbol]:
         Symbol("__start_BTF", "R", LINK_TEXT + BTF_AT),
         Symbol("__stop_BTF", "R", LINK_TEXT + BTF_AT + btf_len),
         Symbol("init_task", "D", LINK_TEXT + INIT_TASK_AT),
+        Symbol("page_offset_base", "D", LINK_TEXT + PAGE_OFFSET_BASE_AT),
+        Symbol("vmcoreinfo_data", "b", LINK_TEXT + VMCOREINFO_DATA_AT),
         Symbol("_end", "B", LINK_TEXT + END_AT),
     ]
     return syms
@@ -69,6 +74,11 @@ def make_guest(
     memory[base + BTF_AT : base + BTF_AT + len(btf)] = btf
     comm = b"swapper/0"
     memory[base + INIT_TASK_AT : base + INIT_TASK_AT + len(comm)] = comm
-    if info is not None:
+    if info is not None:  # where the kernel's page is: vmcoreinfo_data points there
         memory[size - 0x100000 : size - 0x100000 + len(info)] = info
+        pointers = (base + PAGE_OFFSET_BASE_AT, PAGE_OFFSET), (
+            base + VMCOREINFO_DATA_AT, PAGE_OFFSET + size - 0x100000,
+        )  # fmt: skip
+        for at, value in pointers:
+            memory[at : at + 8] = value.to_bytes(8, "little")
     return Guest(memory, {s.name: s.address for s in syms}, btf)

@@ -22,6 +22,7 @@ from tests.support.carve import (
     LINK_TEXT,
     SLIDE,
     TABLES_AT,
+    VMCOREINFO_DATA_AT,
     make_guest,
     vmcoreinfo,
 )
@@ -55,6 +56,15 @@ def test_without_vmcoreinfo_the_slide_is_from_the_default_link_address() -> None
     assert carved.slide == SLIDE
     assert "assuming _text links at 0xffffffff81000000" in carved.slide_from
     assert carved.symbols["init_task"] == LINK_TEXT + INIT_TASK_AT
+
+
+def test_the_page_vmcoreinfo_data_points_at_wins_over_vmcoreinfo_text_elsewhere() -> None:
+    guest = make_guest(info=vmcoreinfo())
+    decoy = b"OSRELEASE=6.1.0-99-amd64\nKERNELOFFSET=200000\n"  # no _stext to check it by
+    guest.memory[0x10000 : 0x10000 + len(decoy)] = decoy  # found first by a scan
+    assert carve_kernel(guest.source()).slide == SLIDE
+    guest.memory[IMAGE_PADDR + VMCOREINFO_DATA_AT : IMAGE_PADDR + VMCOREINFO_DATA_AT + 8] = bytes(8)
+    assert carve_kernel(guest.source()).slide == 0x200000  # the scan, when the pointer is gone
 
 
 def test_a_vmcoreinfo_of_another_release_is_not_believed() -> None:
