@@ -184,3 +184,36 @@ def test_every_failure_is_a_vmishell_error() -> None:
     guest.memory[IMAGE_PADDR + TABLES_AT : IMAGE_PADDR + TABLES_AT + 0x8000] = b"\xff" * 0x8000
     with pytest.raises(VmiError):
         carve_kernel(guest.source())
+
+
+def _with_task_struct() -> bytes:
+    """The sample BTF plus `struct task_struct { char comm[16]; }`: enough for the finder."""
+    from tests.unit.test_btf import K
+
+    w, ids = sample_btf()
+    w.add(K.STRUCT, "task_struct", 1, 16, w.s("comm"), ids["comm"], 0)
+    return w.bytes()
+
+
+def test_the_cache_serves_the_next_attach_and_a_different_btf_is_carved_anew(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmishell.symbols import locations
+    from vmishell.symbols.carve import find_or_carve, wait_for_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("VMISHELL_PROFILE_PATH", raising=False)
+    monkeypatch.setattr(locations, "shipped_dir", lambda: tmp_path / "none")
+    guest = make_guest(btf=_with_task_struct())
+    first = find_or_carve(guest.source())
+    wait_for_cache()
+    assert first.origin == "carved" and first.path.is_file()
+    again = find_or_carve(guest.source())
+    assert again.path == first.path  # found on disk: banner and BTF checksum agree
+    at = IMAGE_PADDR + BTF_AT + len(guest.btf) - 6
+    guest.memory[at : at + 4] = b"comX"  # same size and banner, another BTF
+    other = find_or_carve(guest.source())
+    wait_for_cache()
+    assert other.path != first.path
+    assert other.producer["btf_sha256"] != first.producer["btf_sha256"]

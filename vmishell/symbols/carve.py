@@ -486,11 +486,15 @@ def wait_for_cache() -> None:
 
 
 def find_or_carve(source: PhysicalSource, limits: Limits | None = None) -> Any:
-    """The matching profile on disk, else one carved from `source` (verify it before use)."""
+    """The matching profile on disk, else one carved from `source` (verify it before use).
+
+    A carved profile from the cache matched by banner is kept only if the BTF in
+    memory still has its checksum: another build with the same banner is carved anew.
+    """
     from vmishell.symbols.finder import find_profile
 
     try:
-        return find_profile(source, limits=limits)
+        found = find_profile(source, limits=limits)
     except ProfileError as missing:
         try:
             return carve_profile(source, limits)
@@ -498,6 +502,29 @@ def find_or_carve(source: PhysicalSource, limits: Limits | None = None) -> Any:
             raise MissingBtf(f"{missing}. Carving from memory failed too: {exc}") from exc
         except ProfileError as exc:
             raise ProfileError(f"{missing}. Carving from memory failed too: {exc}") from exc
+    wanted = found.producer.get("btf_sha256")
+    if wanted and not _btf_in_memory_is(source, found, wanted, limits or Limits()):
+        log.warning("cached %s: the guest's BTF differs; carving again", found.name)
+        return carve_profile(source, limits)
+    return found
+
+
+def _btf_in_memory_is(source: PhysicalSource, profile: Any, wanted: str, limits: Limits) -> bool:
+    """Whether the BTF where the profile's kernel sits in `source` has checksum `wanted`."""
+    from vmishell.symbols.placement import KernelHints, aligned_shifts, kernel_phys
+
+    if not profile.has_symbol("__start_BTF"):
+        return False
+    hints = KernelHints.from_profile(profile)
+    start = profile.symbol_address("__start_BTF")
+    for shift in aligned_shifts(source, hints, limits):
+        try:
+            _, blob = read_btf(source, kernel_phys(hints.arch, start, shift))
+        except ProfileError:
+            continue
+        if hashlib.sha256(blob).hexdigest() == wanted:
+            return True
+    return False
 
 
 def is_carved(profile: Any) -> bool:
