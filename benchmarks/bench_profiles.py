@@ -100,7 +100,7 @@ t = time.perf_counter()
 from vmishell.symbols import locations
 locations.shipped_dir = lambda: Path(sys.argv[2])
 from vmishell.session import Session
-from vmishell.symbols.carve import wait_for_cache
+from vmishell.symbols.carve_cache import wait_for_cache
 s = Session.image(sys.argv[1])
 attached = time.perf_counter() - t
 n = len(s.processes())

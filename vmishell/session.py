@@ -58,7 +58,7 @@ from vmishell.os.linux.vmas import Vma
 from vmishell.os.linux.vmcoreinfo import locate_by_vmcoreinfo, vmcoreinfo_of
 from vmishell.sources import open_image
 from vmishell.sources.base import PhysicalSource, Registers
-from vmishell.symbols.carve import find_or_carve, is_carved
+from vmishell.symbols.carve_cache import find_or_carve, is_carved
 from vmishell.symbols.profile import Profile, load_profile
 from vmishell.symbols.verify import verify_profile
 

@@ -22,7 +22,8 @@ from vmishell.lab.paths import cache_root
 from vmishell.lab.workload import MARKER, layout
 from vmishell.session import Session
 from vmishell.symbols import locations
-from vmishell.symbols.carve import carve_kernel, carved_isf, wait_for_cache
+from vmishell.symbols.carve import carve_kernel, carved_isf
+from vmishell.symbols.carve_cache import wait_for_cache
 from vmishell.symbols.profile import load_profile
 
 pytestmark = pytest.mark.lab

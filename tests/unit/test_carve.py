@@ -33,10 +33,10 @@ from vmishell.symbols.carve import (
     CARVED_SUFFIX,
     MissingBtf,
     carve_kernel,
-    carve_profile,
     carved_isf,
 )
 from vmishell.symbols.carve_btf import btf_candidates, parse_header
+from vmishell.symbols.carve_cache import carve_profile
 
 
 def test_carve_finds_btf_kallsyms_and_banner_and_takes_the_kaslr_slide_off() -> None:
@@ -199,7 +199,7 @@ def test_the_cache_serves_the_next_attach_and_a_different_btf_is_carved_anew(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vmishell.symbols import locations
-    from vmishell.symbols.carve import find_or_carve, wait_for_cache
+    from vmishell.symbols.carve_cache import find_or_carve, wait_for_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -3,13 +3,16 @@
 A kernel with CONFIG_DEBUG_INFO_BTF and CONFIG_KALLSYMS_ALL carries all a
 profile needs in its read-only data, contiguous in physical memory: the BTF
 blob, the compressed kallsyms tables and `linux_banner`. The carve starts at a
-banner (cheap to find), reads a window of memory around it (the image's
-rodata), finds the kallsyms tables there by structure alone and takes the BTF
-at the physical address kallsyms implies for `__start_BTF`. kallsyms in memory
-holds run-time (KASLR-moved) addresses; the slide comes from the kernel's
-VMCOREINFO text when it is in memory, else from the architecture's default
-link address, and is taken off so the profile holds link-time addresses like
-one built from the kernel package.
+banner (cheap to find) and, within 48 MiB of it, decodes the kallsyms tables
+at the first token-table digit runs, reading only a few MiB around each
+(rodata follows the banner). kallsyms then places the rest: a banner in the
+window taken as `linux_banner` must put a BTF header of exactly
+`__stop_BTF - __start_BTF` bytes at `__start_BTF`, which fixes
+virtual-to-physical for the image. kallsyms in memory holds run-time
+(KASLR-moved) addresses; the slide comes from the kernel's VMCOREINFO page
+(through `vmcoreinfo_data` on x86_64, else a bounded scan), else from the
+default link address, and is taken off so the profile holds link-time
+addresses like one built from the kernel package.
 
 Everything read is guest data: windows, candidate counts and sizes are capped,
 and a profile carved here is verified against the running kernel before a
@@ -19,14 +22,9 @@ session uses it (`vmishell.symbols.verify`).
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
@@ -35,9 +33,6 @@ from vmishell.symbols.carve_btf import BtfHeader, btf_candidates, check_blob, re
 from vmishell.symbols.carve_kallsyms import MAX_CANDIDATES as MAX_KALLSYMS_CANDIDATES
 from vmishell.symbols.carve_kallsyms import carve_kallsyms
 from vmishell.symbols.kallsyms import _DIGITS, Kallsyms
-from vmishell.symbols.locations import carved_dir
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
@@ -414,119 +409,3 @@ def carved_isf(carved: CarvedKernel, source_name: str, progress: Progress | None
         producer=producer,
         progress=progress,
     )
-
-
-def carve_profile(
-    source: PhysicalSource,
-    limits: Limits | None = None,
-    *,
-    cache: bool = True,
-    progress: Progress | None = None,
-) -> Any:
-    """A Profile carved from `source`; written to the carved-profiles cache in the background.
-
-    The cache file is named by banner and BTF checksum, and the finder searches
-    that folder, so the next attach to this kernel loads it instead of carving.
-    """
-    from vmishell.symbols.profile import Profile
-
-    carved = carve_kernel(source, limits, progress)
-    isf = carved_isf(carved, source.description, progress)
-    name = carved.filename().removesuffix(CARVED_SUFFIX)
-    profile = Profile.from_isf(isf, name=name)
-    if cache:
-        path = carved_dir() / carved.filename()
-        profile.path = path
-        _save_in_background(isf, path)
-    return profile
-
-
-_writers: list[threading.Thread] = []
-
-
-def _save_in_background(isf: dict, path: Path) -> None:
-    """Write the ISF (and compile it into the profile cache) without delaying the attach.
-
-    The work (JSON, gzip, compiling: seconds of CPU) runs in a forked child
-    where the platform allows, so it neither holds this process's GIL nor
-    makes the caller wait; a thread reaps the child. Elsewhere a thread does it.
-    """
-
-    def save() -> None:
-        from vmishell.symbols.isf_build import write_isf
-        from vmishell.symbols.profile import load_profile
-
-        try:
-            write_isf(isf, path)
-            load_profile(path)
-        except (OSError, VmiError) as exc:
-            log.warning("carved profile not cached at %s: %s", path, exc)
-
-    fork = getattr(os, "fork", None)
-    if fork is None:
-        thread = threading.Thread(target=save, name="vmishell-carve-save")
-    else:
-        pid = fork()
-        if pid == 0:  # the child: save, then leave without running the parent's cleanup
-            code = 1
-            try:
-                save()
-                code = 0
-            finally:
-                os._exit(code)
-        thread = threading.Thread(target=os.waitpid, args=(pid, 0), name="vmishell-carve-save")
-    _writers.append(thread)
-    thread.start()
-
-
-def wait_for_cache() -> None:
-    """Block until carved profiles started in the background are on disk (tests, CLI)."""
-    while _writers:
-        _writers.pop().join()
-
-
-def find_or_carve(source: PhysicalSource, limits: Limits | None = None) -> Any:
-    """The matching profile on disk, else one carved from `source` (verify it before use).
-
-    A carved profile from the cache matched by banner is kept only if the BTF in
-    memory still has its checksum: another build with the same banner is carved anew.
-    """
-    from vmishell.symbols.finder import find_profile
-
-    try:
-        found = find_profile(source, limits=limits)
-    except ProfileError as missing:
-        try:
-            return carve_profile(source, limits)
-        except MissingBtf as exc:
-            raise MissingBtf(f"{missing}. Carving from memory failed too: {exc}") from exc
-        except ProfileError as exc:
-            raise ProfileError(f"{missing}. Carving from memory failed too: {exc}") from exc
-    wanted = found.producer.get("btf_sha256")
-    if wanted and not _btf_in_memory_is(source, found, wanted, limits or Limits()):
-        log.warning("cached %s: the guest's BTF differs; carving again", found.name)
-        return carve_profile(source, limits)
-    return found
-
-
-def _btf_in_memory_is(source: PhysicalSource, profile: Any, wanted: str, limits: Limits) -> bool:
-    """Whether the BTF where the profile's kernel sits in `source` has checksum `wanted`."""
-    from vmishell.symbols.placement import KernelHints, aligned_shifts, kernel_phys
-
-    if not profile.has_symbol("__start_BTF"):
-        return False
-    hints = KernelHints.from_profile(profile)
-    start = profile.symbol_address("__start_BTF")
-    for shift in aligned_shifts(source, hints, limits):
-        try:
-            _, blob = read_btf(source, kernel_phys(hints.arch, start, shift))
-        except ProfileError:
-            continue
-        if hashlib.sha256(blob).hexdigest() == wanted:
-            return True
-    return False
-
-
-def is_carved(profile: Any) -> bool:
-    """Whether a profile came from guest memory (fresh or from the carved cache)."""
-    return bool(profile.producer.get("btf_sha256")) or profile.origin == "carved"
