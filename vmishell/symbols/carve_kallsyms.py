@@ -79,7 +79,8 @@ class _MemoryFinder(_Finder):
     That search tests every aligned word up to 32 MiB below the token table,
     which in Python costs about a second per candidate; numpy keeps only the
     words that can be a count whose tables fit (a handful), and the decoders'
-    own checks run on those.
+    own checks run on those. When that finds nothing, the reader's own search
+    runs, so layouts it learns (newer kernels) are carved too.
     """
 
     def _names_and_markers(
@@ -110,7 +111,9 @@ class _MemoryFinder(_Finder):
                         continue
                     if self._names_fit(names, n, tokens, markers, markers_at):
                         return names, p, n, markers_at, markers, seqs
-        raise _NotHere("no kallsyms_markers/kallsyms_names/kallsyms_num_syms before the tokens")
+        # Layouts the package reader learns later (it is the reference): its own search.
+        # Only a candidate whose token table and index agree gets here.
+        return super()._names_and_markers(table, tokens)
 
     def _count_positions(self, table: int) -> list[int]:
         """Word positions below `table`, nearest first, holding a count n >= 256 whose
