@@ -9,12 +9,25 @@ in the same job). Load: the built ISF loaded cold (parse + compact cache) and
 cached by vmishell, and loaded by Volatility3 (which re-parses it every run),
 in the same run.
 
+Carve: the profile carved from a raw dump of the x86_64 lab guest (BTF,
+kallsyms and banner from guest memory, then the ISF built), wall time and
+peak memory in a fresh process, beside pakunoda 1.0.9 (PyPI) on the same dump
+in the same run when its `pakunoda` command is found ($PAKUNODA or PATH; it is
+not a dependency of vmishell). Then attach with nothing prepared (no profile
+on disk, empty caches) through the first `processes()`.
+
     python benchmarks/bench_profiles.py [KERNEL.deb]   # default: the lab's x86_64 kernel
+    python benchmarks/bench_profiles.py --carve [DUMP.raw]  # default: dump the lab guest
+
+Targets (issue 14): carve + build <= 1.5 s and <= 300 MB, 7x faster than
+pakunoda; nothing prepared to first processes() <= 2 s.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,7 +80,95 @@ def child(code: str, *argv: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_CARVE = """
+import json, resource, sys, time
+t = time.perf_counter()
+from vmishell.sources import open_image
+from vmishell.symbols.carve import carve_kernel, carved_isf
+source = open_image(sys.argv[1])
+carved = carve_kernel(source)
+t_carve = time.perf_counter() - t
+isf = carved_isf(carved, sys.argv[1])
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps({"s": time.perf_counter() - t, "carve": t_carve, "symbols": len(isf["symbols"]),
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "file": int(status["RssFile"].split()[0]) / 1024}))
+"""
+
+_NOTHING_PREPARED = """
+import json, resource, sys, time
+from pathlib import Path
+t = time.perf_counter()
+from vmishell.symbols import locations
+locations.shipped_dir = lambda: Path(sys.argv[2])
+from vmishell.session import Session
+from vmishell.symbols.carve_cache import wait_for_cache
+s = Session.image(sys.argv[1])
+attached = time.perf_counter() - t
+n = len(s.processes())
+first = time.perf_counter() - t
+wait_for_cache()
+print(json.dumps({"attach": attached, "s": first, "n": n, "origin": s.profile.origin,
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def lab_dump(tmp: Path) -> Path:
+    """A raw dump of a freshly booted x86_64 lab guest (stopped again at once)."""
+    from vmishell.lab.runner import down, up
+
+    name = f"bench-carve-{os.getpid()}"
+    guest = up("x86_64", name, timeout=240)
+    try:
+        return guest.dump(tmp / "x86_64.raw", "raw")
+    finally:
+        down(name)
+
+
+def carve_main(argv: list[str]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        dump = Path(argv[0]) if argv else lab_dump(tmpdir)
+        runs = [child(_CARVE, str(dump)) for _ in range(3)]
+        best = min(runs, key=lambda r: r["s"])
+        print(f"dump          : {dump} ({dump.stat().st_size >> 20} MiB)")
+        peak = max(r["rss"] for r in runs)
+        print(f"carve + build : {best['s']:6.2f} s (carve {best['carve']:.2f} s), peak "
+              f"{peak:5.0f} MiB ({best['file']:.0f} MiB of it the dump's mapped pages), "
+              f"{best['symbols']} symbols  (target <= 1.5 s, 300 MB)")  # fmt: skip
+        pakunoda = os.environ.get("PAKUNODA") or shutil.which("pakunoda")
+        if pakunoda:
+            wall, peak = timed_command([pakunoda, "extract", str(dump), "-o",
+                                        str(tmpdir / "pakunoda.json")])  # fmt: skip
+            print(f"pakunoda      : {wall:6.2f} s, peak {peak:5.0f} MiB  (same dump, same run)")
+            print(f"  ratio       : {wall / best['s']:6.1f}x faster  (target: 7x)")
+        else:
+            print("pakunoda      : not found (pip install pakunoda into a venv, set $PAKUNODA)")
+        empty = tmpdir / "no-profiles"
+        empty.mkdir()
+        env = dict(os.environ, XDG_CACHE_HOME=str(tmpdir / "xdg"), HOME=str(tmpdir / "home"))
+        env.pop("VMISHELL_PROFILE_PATH", None)
+        cold = json.loads(subprocess.run(
+            [sys.executable, "-c", _NOTHING_PREPARED, str(dump), str(empty)],
+            capture_output=True, text=True, check=True, env=env,
+        ).stdout.strip().splitlines()[-1])  # fmt: skip
+        warm = json.loads(subprocess.run(
+            [sys.executable, "-c", _NOTHING_PREPARED, str(dump), str(empty)],
+            capture_output=True, text=True, check=True, env=env,
+        ).stdout.strip().splitlines()[-1])  # fmt: skip
+        print(f"nothing prepared -> first processes(): {cold['s']:.2f} s (attach "
+              f"{cold['attach']:.2f} s, {cold['n']} processes, profile {cold['origin']}, "
+              f"{cold['rss']:.0f} MiB)  (target <= 2 s)")  # fmt: skip
+        print(f"second attach (carved profile cached): {warm['s']:.2f} s "
+              f"(profile {warm['origin']})")  # fmt: skip
+    load = os.getloadavg()
+    print(f"machine load  : {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--carve"]:
+        return carve_main(sys.argv[2:])
     if len(sys.argv) > 1:
         deb = Path(sys.argv[1])
     else:

@@ -13,6 +13,7 @@ from vmishell.errors import VmiError
 COMMAND_MODULES = (
     "vmishell.lab.cli",
     "vmishell.symbols.cli",
+    "vmishell.lab.fetch",
     "vmishell.frontends.cli",
     "vmishell.search.cli",
 )

@@ -59,8 +59,9 @@ from vmishell.os.linux.vmas import Vma
 from vmishell.os.linux.vmcoreinfo import locate_by_vmcoreinfo, vmcoreinfo_of
 from vmishell.sources import open_image
 from vmishell.sources.base import PhysicalSource, Registers
-from vmishell.symbols.finder import find_profile
+from vmishell.symbols.carve_cache import find_or_carve, is_carved
 from vmishell.symbols.profile import Profile, load_profile
+from vmishell.symbols.verify import verify_profile
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -229,11 +230,15 @@ class Session:
         self.found_by = "banner"
         try:
             if profile is None:
-                profile = find_profile(source, limits=self.limits)
+                profile = find_or_carve(source, self.limits)
             elif not isinstance(profile, Profile):
                 profile = load_profile(Path(profile))
             self.profile = profile
             self.guest = LinuxGuest(source, profile, self.limits, self._locate())
+            if is_carved(profile):  # guest data made it: check it against the kernel first
+                verify_profile(self.guest)
+            #: One line: which profile, and where it came from.
+            self.profile_note = f"profile: {profile.provenance}"
         except BaseException:
             source.close()
             raise

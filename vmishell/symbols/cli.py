@@ -103,17 +103,28 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def actions_of(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction | None:
+    """The `profile` family's ACTION sub-parsers, for packages above this one that add
+    actions (`vmishell.lab.fetch`: build from a target, fetch)."""
+    parser = subparsers.choices.get("profile")
+    return None if parser is None else parser.get_default("_profile_actions")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `profile` command family to the main `vmishell` parser."""
     parser = subparsers.add_parser("profile", help="build or inspect kernel profiles (ISF)")
     sub = parser.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    parser.set_defaults(_profile_actions=sub)
 
     p = sub.add_parser(
         "build",
-        help="build a profile from a kernel .deb, vmlinuz/bzImage, Image or vmlinux",
-        description="Types from BTF, symbols from System.map or the kernel's kallsyms.",
+        help="build a profile from a kernel .deb, vmlinuz/bzImage, Image or vmlinux, "
+        "or carve it from a guest's memory (TARGET)",
+        description="Types from BTF, symbols from System.map or the kernel's kallsyms. "
+        "Given a target (lab:NAME, qmp:SOCKET, qemu:RAMFILE, a memory image), both are "
+        "carved from guest memory and the profile is verified against the running kernel.",
     )
-    p.add_argument("source", help="linux-image-*.deb, vmlinuz, Image or vmlinux")
+    p.add_argument("source", help="linux-image-*.deb, vmlinuz, Image, vmlinux, or a TARGET")
     p.add_argument(
         "-o", "--output",
         help="output file or folder (default: the built-profiles cache the finder searches)",

@@ -132,7 +132,8 @@ def find_profile(
         if aligned_shifts(source, hints, limits):
             return load_profile(path)
     # No kernel on the 2 MiB grid: look for banners anywhere, once for all profiles.
-    seen = banners_in(source, scan=limits.max_banner_scan)
+    # With no profile to match, the first banner is enough to say what is there.
+    seen = banners_in(source, limit=8 if candidates else 1, scan=limits.max_banner_scan)
     for path, hints in candidates:
         paddrs = [a for a, text in seen if text.encode("latin-1") == hints.banner]
         if paddrs and shifts_at(source, hints, paddrs):

@@ -20,6 +20,7 @@ ORIGINS = {
     "user": "from a profile folder",
     "file": "from a file",
     "memory": "built in memory",
+    "carved": "carved from guest memory",
 }
 
 
@@ -45,6 +46,11 @@ def built_dir() -> Path:
     return default_cache_dir() / "built-profiles"
 
 
+def carved_dir() -> Path:
+    """Where profiles carved from guest memory are cached (named by banner and BTF)."""
+    return default_cache_dir() / "carved-profiles"
+
+
 def _env_dirs() -> list[Path]:
     return [Path(p) for p in os.environ.get("VMISHELL_PROFILE_PATH", "").split(os.pathsep) if p]
 
@@ -60,7 +66,8 @@ def user_dirs() -> list[Path]:
 
 def profile_dirs() -> list[Path]:
     """Where profiles are looked for, in order of preference (existing folders only)."""
-    return [d for d in [*_env_dirs(), shipped_dir(), _home_dir(), built_dir()] if d.is_dir()]
+    dirs = [*_env_dirs(), shipped_dir(), _home_dir(), built_dir(), carved_dir()]
+    return [d for d in dirs if d.is_dir()]
 
 
 def origin_of(path: Path | None) -> str:
@@ -72,6 +79,8 @@ def origin_of(path: Path | None) -> str:
         return "shipped"
     if folder == built_dir().resolve():
         return "built"
+    if folder == carved_dir().resolve():
+        return "carved"
     if any(folder == d.resolve() for d in user_dirs()):
         return "user"
     return "file"
