@@ -184,7 +184,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     source = open_target(args.source)
     try:
-        carved = carve_kernel(source)
+        try:
+            carved = carve_kernel(source)
+        except ProfileError as exc:
+            if not Path(args.source).is_file():
+                raise
+            raise ProfileError(
+                f"{args.source} is not a kernel image (.deb, vmlinux, bzImage, Image), "
+                f"and as a memory image: {exc}"
+            ) from exc
         isf = carved_isf(carved, args.source)
         profile = Profile.from_isf(isf, name=carved.filename())
         checks = verify_profile(LinuxGuest(source, profile, Limits()))

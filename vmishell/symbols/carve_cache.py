@@ -12,14 +12,16 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmishell.errors import ProfileError, VmiError
 from vmishell.limits import Limits
 from vmishell.sources.base import PhysicalSource
-from vmishell.symbols.carve import CARVED_SUFFIX, MissingBtf, Progress, carve_kernel, carved_isf
 from vmishell.symbols.carve_btf import read_btf
 from vmishell.symbols.locations import carved_dir
+
+if TYPE_CHECKING:  # the carver (numpy) is imported only when a profile is carved
+    from vmishell.symbols.carve import Progress
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ def carve_profile(
     The cache file is named by banner and BTF checksum, and the finder searches
     that folder, so the next attach to this kernel loads it instead of carving.
     """
+    from vmishell.symbols.carve import CARVED_SUFFIX, carve_kernel, carved_isf
     from vmishell.symbols.profile import Profile
 
     carved = carve_kernel(source, limits, progress)
@@ -104,6 +107,8 @@ def find_or_carve(source: PhysicalSource, limits: Limits | None = None) -> Any:
     try:
         found = find_profile(source, limits=limits)
     except ProfileError as missing:
+        from vmishell.symbols.carve import MissingBtf
+
         try:
             return carve_profile(source, limits)
         except MissingBtf as exc:
