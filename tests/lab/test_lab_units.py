@@ -307,3 +307,20 @@ def test_qmp_unreachable_socket(tmp_path: Path) -> None:
 
     with pytest.raises(QmpError, match=str(tmp_path / "none.sock")):
         QmpClient(tmp_path / "none.sock", timeout=2)
+
+
+def test_lab_list_names_the_kernel_each_built_image_boots(tmp_path: Path) -> None:
+    import json
+
+    from vmishell.lab.build import MANIFEST_FORMAT, built_release
+
+    assert built_release("x86_64-trixie", tmp_path) is None
+    image = tmp_path / "images" / "x86_64-trixie"
+    image.mkdir(parents=True)
+    files = {key: image / key for key in ("vmlinuz", "initramfs", "kernel_deb", "busybox")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    manifest = {"format": MANIFEST_FORMAT, "kernel_release": "6.12.117+deb13-amd64"}
+    manifest.update({key: str(path) for key, path in files.items()})
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    assert built_release("x86_64-trixie", tmp_path) == "6.12.117+deb13-amd64"

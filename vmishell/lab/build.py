@@ -121,6 +121,14 @@ def load_manifest(image_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def built_release(guest: str | GuestSpec, cache_dir: Path | None = None) -> str | None:
+    """The kernel release the guest's built image boots, or None if it is not built yet."""
+    spec = get_guest(guest)
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    manifest = load_manifest(root / "images" / spec.image_name)
+    return None if manifest is None else manifest.get("kernel_release")
+
+
 def build_guest(
     guest: str | GuestSpec,
     *,
