@@ -192,6 +192,22 @@ class PrivateApt:
         return path
 
 
+def lab_apt(
+    root: Path, debian_arch: str, suite: str = "", progress: Progress | None = None
+) -> PrivateApt:
+    """The lab's private apt state for an architecture and suite ("": the host's sources).
+
+    Its lock file is `<root>/locks/apt-<state_dir.name>.lock`: see `lock_name`.
+    """
+    name = f"{debian_arch}-{suite}" if suite else debian_arch
+    return PrivateApt(debian_arch, root / "apt" / name, progress, suite=suite or None)
+
+
+def lock_name(apt: PrivateApt) -> str:
+    """The lock file name that serialises users of one private apt state."""
+    return f"apt-{apt.state_dir.name}.lock"
+
+
 def suite_source_line(suite: str, mirror: str) -> str:
     """The private source list of one suite: main only, signed by the archive keyring."""
     if not re.fullmatch(r"[a-z][a-z0-9-]*", suite):

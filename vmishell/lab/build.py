@@ -28,7 +28,7 @@ from typing import Any
 
 from vmishell.errors import LabError, PackageError
 from vmishell.lab import initramfs
-from vmishell.lab.apt import PrivateApt
+from vmishell.lab.apt import PrivateApt, lab_apt, lock_name
 from vmishell.lab.bootscript import render_init
 from vmishell.lab.guests import GuestSpec, get_guest
 from vmishell.lab.paths import cache_root
@@ -235,14 +235,13 @@ def _kernel_package(apt: PrivateApt, spec: GuestSpec) -> str:
 def _fetch_all(spec: GuestSpec, root: Path, say: Progress, force: bool) -> dict[str, Any]:
     """Download the kernel (from the guest's suite) and busybox (from the host's)."""
     debs = root / "debs" / spec.debian_arch
-    host = PrivateApt(spec.debian_arch, root / "apt" / spec.debian_arch, say)
+    host = lab_apt(root, spec.debian_arch, "", say)
     apts = [(host, ("busybox",) if spec.suite else ("kernel", "busybox"))]
     if spec.suite:
-        state = root / "apt" / f"{spec.debian_arch}-{spec.suite}"
-        apts.insert(0, (PrivateApt(spec.debian_arch, state, say, suite=spec.suite), ("kernel",)))
+        apts.insert(0, (lab_apt(root, spec.debian_arch, spec.suite, say), ("kernel",)))
     packages: dict[str, Any] = {}
     for apt, roles in apts:
-        with _locked(root / "locks" / f"apt-{apt.state_dir.name}.lock"):
+        with _locked(root / "locks" / lock_name(apt)):
             if force:
                 apt.update()
             try:
