@@ -5,6 +5,7 @@ sid: the newest), each the x86_64 guest with that suite's kernel and the same
 workload. Each boots once (with the many-mappings scenario, so its maple tree
 or VMA list is deep), serves every test here, and is stopped before the next
 one boots: the module costs about one boot per generation, never all at once.
+The newest kernel also boots on a CPU with LA57, for 5-level paging.
 The oracle is each guest's own ground truth, not a kernel version: the same
 checks hold on whichever kernel Debian serves today.
 """
@@ -45,7 +46,11 @@ def _module_clock() -> Iterator[None]:
     print("\ngenerations:", ", ".join(f"{k} {v} s" for k, v in TIMES.items()))
 
 
-@pytest.fixture(scope="module", params=[f"x86_64-{suite}" for suite in GENERATIONS])
+#: Each generation, and the newest kernel again on a CPU with LA57 (5-level paging).
+NAMES = [f"x86_64-{suite}" for suite in GENERATIONS] + ["x86_64-sid-la57"]
+
+
+@pytest.fixture(scope="module", params=NAMES)
 def generation(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Generation]:
     """One generation's guest, booted with the many-mappings scenario, stopped after."""
     from tests.conftest import lab_unavailable
@@ -83,6 +88,13 @@ def test_the_profile_is_built_from_the_guests_own_kernel_package(generation) -> 
     assert profile.producer["types_from"] == "BTF in the kernel image"
     assert profile.producer["symbols_from"] == "kallsyms"
     assert generation.session.symbol("_text") == generation.truth.symbols["_text"]
+
+
+def test_the_paging_mode_is_the_cpus(generation) -> None:
+    """4-level paging, or 5-level where the CPU has LA57 (the kernel turns it on)."""
+    spec = generation.guest.spec
+    mode = generation.session.guest.location.mode.name
+    assert mode == ("LEVEL5" if spec.paging == "5-level" else "LEVEL4")
 
 
 def test_processes_with_their_states_equal_the_guests_own_list(generation) -> None:
