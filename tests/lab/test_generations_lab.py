@@ -167,3 +167,25 @@ def test_a_process_with_many_mappings_has_every_one(generation) -> None:
     assert [(v.start, v.end, v.perms, v.path, v.error) for v in ours] == [
         (m.start, m.end, m.perms, m.path, None) for m in theirs
     ]
+
+
+def test_volatility_pslist_lists_the_guests_processes(generation) -> None:
+    """Volatility3 (the installed version) through vmishell's data layer lists what the
+    guest's /proc listed; on 5-level paging, which it does not support, it fails with an
+    error of its own (see the README's kernel table)."""
+    from vmishell.interop.volatility import VolatilityError, run_plugin
+
+    truth = generation.truth
+    if generation.guest.spec.paging == "5-level":
+        with pytest.raises(VolatilityError):
+            run_plugin(generation.session, "linux.pslist")
+        return
+    df = run_plugin(generation.session, "linux.pslist")
+    vol = {row.PID: (row.PPID, row.COMM) for row in df.itertuples()}
+    for task in truth.processes:
+        if task.pid != task.tgid or _is_kworker(task.comm):
+            continue
+        assert task.pid in vol, task
+        ppid, comm = vol[task.pid]
+        assert ppid == task.ppid and task.comm.startswith(comm), (task, ppid, comm)
+    assert vol[truth.marker_pid][1] == "vmi-marker"

@@ -274,6 +274,15 @@ def test_place_relative_offsets_need_an_elf_to_place_them() -> None:
         find_kallsyms(tables)
 
 
+def test_local_labels_in_the_tables_are_left_out() -> None:
+    """5.10's tables hold a few ".LC<n>" labels, which System.map never lists."""
+    syms = make_symbols(8)
+    labels = [Symbol(".LC0", "r", syms[5].address + 1), Symbol(".LC12", "r", syms[9].address + 1)]
+    tables = build_tables(sorted(syms + labels, key=lambda s: s.address), mode="relative")
+    found = find_kallsyms(embed(tables))
+    _check(found, syms)
+
+
 def test_few_symbols_single_marker() -> None:
     syms = make_symbols(8, count=40)
     found = find_kallsyms(embed(build_tables(syms, mode="relative")), pointer_size=8)

@@ -90,6 +90,18 @@ def dbg_package_of(kernel_package: str) -> str:
     return f"linux-image-{kernel_release_of(kernel_package)}-dbg"
 
 
+def dbg_layouts(release: str) -> list[tuple[str, tuple[str, str]]]:
+    """Where -dbg packages keep (System.map, vmlinux): (folder, (names)), oldest layout first.
+
+    Up to Debian 13 under usr/lib/debug/boot/ with the release in the names;
+    Debian 14 under usr/lib/debug/lib/modules/<release>/ (boot/ holds symlinks).
+    """
+    return [
+        (_DBG_BOOT, (f"System.map-{release}", f"vmlinux-{release}")),
+        (f"usr/lib/debug/lib/modules/{release}/", ("System.map", "vmlinux")),
+    ]
+
+
 def dbg_folder(debian_arch: str, kernel_package: str, version: str, cache: Path) -> Path:
     return cache / "dbg" / debian_arch / f"{kernel_package}_{version.replace(':', '%3a')}"
 
@@ -162,17 +174,23 @@ def _make(
     if not smap.is_file() or (needs_vmlinux and not vmlinux.is_file()):
         dbg = _download(root, debian_arch, dbg_package, version, folder, say, suite)
         record.update(_describe_deb(dbg, dbg_package, version))
-        wanted = {f"{_DBG_BOOT}System.map-{release}": smap}
-        if needs_vmlinux:
-            wanted[f"{_DBG_BOOT}vmlinux-{release}"] = vmlinux
-        say(f"{dbg_package}: extracting {', '.join(p.name for p in wanted.values())}")
+        say(
+            f"{dbg_package}: extracting {smap.name}"
+            + (f", {vmlinux.name}" if needs_vmlinux else "")
+        )
         started = time.monotonic()
-        try:
-            written = deb.extract_to(dbg, wanted, folder=_DBG_BOOT)
-        except PackageError as exc:
-            raise LabError(f"{dbg_package} {version}: {exc}") from exc
-        missing = [name for name in wanted if name not in written]
-        if missing:
+        for folder_in_deb, names in dbg_layouts(release):
+            wanted = {folder_in_deb + names[0]: smap}
+            if needs_vmlinux:
+                wanted[folder_in_deb + names[1]] = vmlinux
+            try:
+                written = deb.extract_to(dbg, wanted, folder=folder_in_deb)
+            except PackageError as exc:
+                raise LabError(f"{dbg_package} {version}: {exc}") from exc
+            missing = [name for name in wanted if name not in written]
+            if not missing:
+                break
+        else:
             raise LabError(f"{dbg} has no {', '.join(missing)}")
         say(f"  done in {time.monotonic() - started:.1f} s")
     if not layouts.is_file():

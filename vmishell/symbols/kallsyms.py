@@ -134,7 +134,7 @@ class _Finder:
         )  # fmt: skip
         text = b"\n".join(symbols_raw).decode("latin-1").split("\n")
         symbols = [Symbol(s[1:], s[0], a) for s, a in zip(text, addresses, strict=True)]
-        return Kallsyms(symbols, layout)
+        return Kallsyms(drop_local_labels(symbols), layout)
 
     def _token_table(self, digits: int) -> tuple[int, int, list[bytes]]:
         """Walk from the digit tokens to tokens 1..255, then let token_index fix token 0."""
@@ -399,6 +399,15 @@ class _Finder:
         if not _sorted(addrs) or addrs[-1] == addrs[0]:
             return None
         return addrs, percpu
+
+
+def drop_local_labels(symbols: list[Symbol]) -> list[Symbol]:
+    """Without the assembler's local labels (".LC0", ".L__unnamed_1").
+
+    Older scripts/kallsyms.c (5.10) kept some of them in the tables; they name
+    no object, and System.map (scripts/mksysmap) has always left them out.
+    """
+    return [s for s in symbols if not s.name.startswith(".L")]
 
 
 def elf_vaddr_of(data: bytes) -> Callable[[int], int | None] | None:
