@@ -15,9 +15,10 @@ import pytest
 
 from vmishell.errors import LabError, QmpError
 from vmishell.lab import initramfs
-from vmishell.lab.apt import PrivateApt, deb_filename
+from vmishell.lab.apt import PrivateApt, deb_filename, suite_source_line, system_mirror
 from vmishell.lab.bootscript import render_init, template
-from vmishell.lab.guests import GUESTS, PLANNED_GUESTS, check_accel, get_guest
+from vmishell.lab.build import kernel_release
+from vmishell.lab.guests import GENERATIONS, GUESTS, PLANNED_GUESTS, check_accel, get_guest
 from vmishell.lab.instances import check_name
 from vmishell.lab.qemucmd import LaunchFiles, kernel_cmdline, qemu_command
 from vmishell.lab.truth import MapLine, parse_truth
@@ -183,11 +184,57 @@ def test_private_apt_options_leave_system_state_alone(tmp_path: Path) -> None:
     )
 
 
+def test_private_apt_for_another_suite_reads_only_that_suite(tmp_path: Path) -> None:
+    apt = PrivateApt("amd64", tmp_path / "apt", suite="trixie")
+    opts = apt.options()
+    assert f"Dir::Etc::SourceList={tmp_path / 'apt' / 'sources.list'}" in opts
+    assert "Dir::Etc::SourceParts=/nonexistent" in opts
+    assert "Dir::Etc::SourceList" not in " ".join(PrivateApt("amd64", tmp_path).options())
+    line = suite_source_line("trixie", "http://mirror.example/debian")
+    # Checked with the system's archive keyring, never trusted blindly.
+    assert line == (
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+        "http://mirror.example/debian trixie main\n"
+    )
+    with pytest.raises(LabError, match="suite"):
+        suite_source_line("sid main\ndeb http://evil", "http://mirror.example/debian")
+
+
+def test_system_mirror_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text(
+        "Types: deb\nURIs: http://local.mirror/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\n# comment\nURIs: http://local.mirror/debian/\nSuites: bookworm\n"
+    )
+    assert system_mirror([deb822]) == "http://local.mirror/debian"
+    one_line = tmp_path / "sources.list"
+    one_line.write_text("deb [arch=amd64] http://other.mirror/debian bookworm main\n")
+    assert system_mirror([one_line]) == "http://other.mirror/debian"
+    assert system_mirror([tmp_path / "missing"]) == "http://deb.debian.org/debian"
+
+
+def test_kernel_release_from_image_path() -> None:
+    assert kernel_release("boot/vmlinuz-6.12.117+deb13-amd64") == "6.12.117+deb13-amd64"
+    assert kernel_release("usr/lib/modules/7.2.13+deb14-amd64/vmlinuz") == "7.2.13+deb14-amd64"
+
+
 # -- catalogue and QEMU argv -----------------------------------------------------------------
 
 
+def test_generations_are_the_x86_64_guest_with_another_suites_kernel() -> None:
+    base = GUESTS["x86_64"]
+    for suite in GENERATIONS:
+        spec = GUESTS[f"x86_64-{suite}"]
+        assert spec.suite == suite and spec.image_name == spec.name
+        assert (spec.arch, spec.machine, spec.cpu) == (base.arch, base.machine, base.cpu)
+        assert spec.kernel_package == base.kernel_package
+    assert base.suite == ""
+    la57 = GUESTS["x86_64-sid-la57"]
+    assert la57.image_name == "x86_64-sid" and "+la57" in (la57.cpu or "")
+
+
 def test_catalogue() -> None:
-    assert list(GUESTS) == ["x86_64", "x86_64-la57", "x86_64-pti", "i386-pae", "i386"]
+    assert list(GUESTS)[:5] == ["x86_64", "x86_64-la57", "x86_64-pti", "i386-pae", "i386"]
     assert GUESTS["x86_64-pti"].image_name == "x86_64"
     assert GUESTS["x86_64-la57"].image_name == "x86_64" and "+la57" in GUESTS["x86_64-la57"].cpu
     assert GUESTS["i386"].kernel_package == "linux-image-686"
@@ -260,3 +307,20 @@ def test_qmp_unreachable_socket(tmp_path: Path) -> None:
 
     with pytest.raises(QmpError, match=str(tmp_path / "none.sock")):
         QmpClient(tmp_path / "none.sock", timeout=2)
+
+
+def test_lab_list_names_the_kernel_each_built_image_boots(tmp_path: Path) -> None:
+    import json
+
+    from vmishell.lab.build import MANIFEST_FORMAT, built_release
+
+    assert built_release("x86_64-trixie", tmp_path) is None
+    image = tmp_path / "images" / "x86_64-trixie"
+    image.mkdir(parents=True)
+    files = {key: image / key for key in ("vmlinuz", "initramfs", "kernel_deb", "busybox")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    manifest = {"format": MANIFEST_FORMAT, "kernel_release": "6.12.117+deb13-amd64"}
+    manifest.update({key: str(path) for key, path in files.items()})
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    assert built_release("x86_64-trixie", tmp_path) == "6.12.117+deb13-amd64"

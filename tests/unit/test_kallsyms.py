@@ -92,8 +92,12 @@ def build_tables(
     """The kallsyms tables as scripts/kallsyms.c lays them out.
 
     layout "6.1": offsets, relative_base, num_syms, names, markers, [seqs], tokens, index;
-    layout "6.4": num_syms, names, markers, seqs, tokens, index, offsets, relative_base.
-    mode: "relative", "percpu" (KALLSYMS_ABSOLUTE_PERCPU) or "absolute" (kallsyms_addresses).
+    layout "6.4": num_syms, names, markers, seqs, tokens, index, offsets, relative_base;
+    layout "6.12": num_syms, names, markers, tokens, index, offsets, relative_base, seqs
+    (u32 markers, then a padding word when their count is odd);
+    layout "7": as 6.12, names right after num_syms (unaligned), no relative_base.
+    mode: "relative", "percpu" (KALLSYMS_ABSOLUTE_PERCPU), "absolute" (kallsyms_addresses)
+    or "place" (`.long sym - .`; the tables must then be placed with `in_elf`).
     """
     pfmt = "<Q" if ptr == 8 else "<I"
     mw = markers_width or ptr
@@ -122,6 +126,11 @@ def build_tables(
 
     def addresses_part(buf: bytearray) -> None:
         _align(buf, ptr)
+        if mode == "place":
+            at = ELF_TABLES_VADDR + len(buf)
+            for i, s in enumerate(syms):
+                buf += struct.pack("<i", s.address - (at + 4 * i))
+            return
         if mode == "absolute":
             for s in syms:
                 buf += struct.pack(pfmt, s.address)
@@ -133,16 +142,20 @@ def build_tables(
     def names_part(buf: bytearray) -> None:
         _align(buf, ptr)
         buf += struct.pack("<I", len(syms))
-        _align(buf, ptr)
+        if layout != "7":
+            _align(buf, ptr)
         buf += names
         _align(buf, ptr)
         for m in markers:
             buf += struct.pack("<I" if mw == 4 else pfmt, m)
-        if seqs or layout != "6.1":
-            _align(buf, ptr)
-            order = sorted(range(len(syms)), key=lambda i: strings[i][1:])
-            for i in order:
-                buf += bytes([(i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
+        if seqs or layout == "6.4":
+            seqs_part(buf)
+
+    def seqs_part(buf: bytearray) -> None:
+        _align(buf, ptr)
+        order = sorted(range(len(syms)), key=lambda i: strings[i][1:])
+        for i in order:
+            buf += bytes([(i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
 
     def tokens_part(buf: bytearray) -> None:
         _align(buf, ptr)
@@ -159,11 +172,32 @@ def build_tables(
         addresses_part(buf)
         names_part(buf)
         tokens_part(buf)
+    elif layout == "6.4":
+        names_part(buf)
+        tokens_part(buf)
+        addresses_part(buf)
     else:
         names_part(buf)
         tokens_part(buf)
         addresses_part(buf)
+        seqs_part(buf)
     return bytes(buf)
+
+
+#: Where `in_elf` loads the tables: what "place" offsets are computed against.
+ELF_TABLES_VADDR = 0xFFFFFFFF82000000
+
+
+def in_elf(tables: bytes) -> bytes:
+    """An ELF64 vmlinux whose one PT_LOAD maps the tables at ELF_TABLES_VADDR."""
+    head = 64 + 56
+    ehdr = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    pad = -head % 4096
+    phdr = struct.pack(
+        "<IIQQQQQQ", 1, 4, head + pad, ELF_TABLES_VADDR, 0, len(tables), len(tables), 4096
+    )
+    return ehdr + phdr + bytes(pad) + tables
 
 
 def embed(tables: bytes, decoy: bool = True) -> bytes:
@@ -196,6 +230,8 @@ def _check(found, syms: list[Symbol]) -> None:
         (8, "6.4", "relative", 4, True),  # offsets after token_index
         (8, "6.4", "percpu", 4, True),
         (4, "6.4", "relative", 4, True),
+        (8, "6.12", "percpu", 4, False),  # 6.12: padding word after odd u32 markers
+        (8, "6.12", "relative", 4, False),
     ],
 )
 def test_synthetic_layouts(
@@ -208,7 +244,43 @@ def test_synthetic_layouts(
     _check(found, syms)
     assert found.layout.base_relative == (mode != "absolute")
     assert found.layout.absolute_percpu == (mode == "percpu")
-    assert (found.layout.seqs_of_names is not None) == (seqs or layout != "6.1")
+    # seqs_of_names is located only between the markers and the tokens (6.2 to 6.11).
+    assert (found.layout.seqs_of_names is not None) == (seqs or layout == "6.4")
+
+
+def test_markers_then_a_padding_word_before_the_token_table() -> None:
+    """6.12: three u32 markers end 4 bytes before the 8-aligned token table."""
+    syms = make_symbols(8, count=700, percpu=True)
+    assert len(syms) // 256 + 1 == 3  # an odd count of markers needs the padding
+    tables = build_tables(syms, layout="6.12", mode="percpu", markers_width=4)
+    found = find_kallsyms(embed(tables))
+    _check(found, syms)
+    assert found.layout.token_table - found.layout.markers == 3 * 4 + 4
+
+
+def test_place_relative_offsets_and_unaligned_names() -> None:
+    """Newest kernels: names right after num_syms, offsets as `.long sym - .`, no base."""
+    syms = make_symbols(8)
+    tables = build_tables(syms, layout="7", mode="place", markers_width=4)
+    found = find_kallsyms(in_elf(tables))
+    _check(found, syms)
+    assert found.layout.names == found.layout.num_syms + 4
+    assert found.layout.relative_base is None and found.layout.base_relative
+
+
+def test_place_relative_offsets_need_an_elf_to_place_them() -> None:
+    tables = build_tables(make_symbols(8), layout="7", mode="place", markers_width=4)
+    with pytest.raises(ProfileError, match="no kallsyms tables"):
+        find_kallsyms(tables)
+
+
+def test_local_labels_in_the_tables_are_left_out() -> None:
+    """5.10's tables hold a few ".LC<n>" labels, which System.map never lists."""
+    syms = make_symbols(8)
+    labels = [Symbol(".LC0", "r", syms[5].address + 1), Symbol(".LC12", "r", syms[9].address + 1)]
+    tables = build_tables(sorted(syms + labels, key=lambda s: s.address), mode="relative")
+    found = find_kallsyms(embed(tables))
+    _check(found, syms)
 
 
 def test_few_symbols_single_marker() -> None:

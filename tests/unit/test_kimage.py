@@ -385,6 +385,20 @@ def test_deb(compression: str, tmp_path: Path) -> None:
     assert "reading package" in stages and "decompressing xz" in stages
 
 
+def test_debian_14_binary_package_keeps_the_image_under_usr_lib_modules(tmp_path: Path) -> None:
+    """Debian 14's linux-binary-<release>: usr/lib/modules/<release>/vmlinuz, no boot/."""
+    files = {
+        "usr/lib/modules/7.2.13+deb14-amd64/vmlinuz": make_bzimage(COMPRESSORS["xz"](make_elf())),
+        "usr/share/doc/linux-binary-7.2.13+deb14-amd64/copyright": b"GPL-2\n",
+    }
+    path = tmp_path / "k.deb"
+    path.write_bytes(make_deb(files, package="linux-binary-7.2.13+deb14-amd64"))
+    image = open_kernel(path)
+    assert image.layers == ["deb", "bzImage", "xz"]
+    assert image.package == "linux-binary-7.2.13+deb14-amd64"
+    assert image.btf == make_btf()
+
+
 def test_deb_with_real_system_map(tmp_path: Path) -> None:
     smap = b"ffffffff81000000 T _text\nffffffff82000000 D init_task\n"
     files = {"boot/vmlinux-6.1": make_elf(), "boot/System.map-6.1": smap}

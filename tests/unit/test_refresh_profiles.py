@@ -105,3 +105,47 @@ def test_profiles_holds_exactly_the_files_its_readme_lists_with_their_checksums(
         assert made_from is not None and f"`{made_from.split()[0]}` {made_from.split()[1]}" in (
             generated
         )
+
+
+def test_each_debian_suite_is_a_lab_kernel_of_its_own() -> None:
+    from vmishell.lab.guests import GENERATIONS
+
+    by_flavour = {k.flavour: k for k in lab_kernels()}
+    for suite in GENERATIONS:
+        kernel = by_flavour[f"amd64-{suite}"]
+        assert kernel.suite == suite and f"x86_64-{suite}" in kernel.guests
+    assert by_flavour["amd64"].suite == ""
+    assert "x86_64-trixie" not in by_flavour["amd64"].guests
+
+
+def test_the_dbg_package_of_a_debian_14_binary_package_is_the_image_ones() -> None:
+    from vmishell.lab.dbgprofiles import dbg_package_of, kernel_release_of
+
+    assert kernel_release_of("linux-binary-7.2.13+deb14-amd64") == "7.2.13+deb14-amd64"
+    assert dbg_package_of("linux-binary-7.2.13+deb14-amd64") == (
+        "linux-image-7.2.13+deb14-amd64-dbg"
+    )
+    assert dbg_package_of("linux-image-6.1.0-57-amd64") == "linux-image-6.1.0-57-amd64-dbg"
+
+
+def test_debian_14_dbg_files_are_found_under_usr_lib_debug_lib_modules(tmp_path: Path) -> None:
+    """Its usr/lib/debug/boot/ holds only symlinks: the files are under lib/modules/."""
+    from tests.unit.test_kimage import make_deb
+    from vmishell.lab.dbgprofiles import dbg_layouts
+    from vmishell.symbols import deb
+
+    release = "7.2.13+deb14-amd64"
+    files = {
+        f"usr/lib/debug/lib/modules/{release}/System.map": b"ffffffff81000000 T _text\n",
+        f"usr/lib/debug/lib/modules/{release}/vmlinux": b"\x7fELF",
+    }
+    path = tmp_path / "dbg.deb"
+    path.write_bytes(make_deb(files, package=f"linux-image-{release}-dbg"))
+    found = []
+    for folder, (smap, vmlinux) in dbg_layouts(release):
+        wanted = {folder + smap: tmp_path / "map", folder + vmlinux: tmp_path / "vmlinux"}
+        found.append(sorted(deb.extract_to(path, wanted, folder=folder)))
+    assert found == [[], sorted(files)]
+    assert (tmp_path / "map").read_bytes() == files[
+        f"usr/lib/debug/lib/modules/{release}/System.map"
+    ]

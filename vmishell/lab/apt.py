@@ -6,7 +6,9 @@ kernel package would touch /boot. So every architecture gets a private apt
 state (package lists and cache) inside the lab cache, selected with `-o`
 options, and packages are fetched with `apt-get download`, which only writes
 the .deb into the current directory. The system's sources.list and keys are
-reused as they are.
+reused as they are, except for another Debian suite (bullseye, trixie, sid):
+that one gets a private one-line source list on the system's own mirror,
+checked with the system's archive keyring (which signs every current suite).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from vmishell.errors import LabError, MissingToolError
 
 Progress = Callable[[str], None]
 
+#: The mirror used for another suite when the system's sources name none.
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+SYSTEM_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+
 
 def _require(program: str, package: str) -> str:
     path = shutil.which(program)
@@ -31,28 +38,55 @@ def _require(program: str, package: str) -> str:
 
 
 class PrivateApt:
-    """apt-get/apt-cache bound to one Debian architecture and a private state dir."""
+    """apt-get/apt-cache bound to one Debian architecture and a private state dir.
 
-    def __init__(self, debian_arch: str, state_dir: Path, progress: Progress | None = None) -> None:
+    `suite` ("trixie", "sid", ...) reads that suite of the system's mirror
+    instead of the system's own sources; None keeps the system's sources.
+    """
+
+    def __init__(
+        self,
+        debian_arch: str,
+        state_dir: Path,
+        progress: Progress | None = None,
+        suite: str | None = None,
+    ) -> None:
         self.debian_arch = debian_arch
         self.state_dir = state_dir
+        self.suite = suite
         self._progress = progress or (lambda _msg: None)
         self._updated = False
+
+    @property
+    def what(self) -> str:
+        """How messages name this state: "amd64" or "amd64, trixie"."""
+        return f"{self.debian_arch}, {self.suite}" if self.suite else self.debian_arch
 
     # -- plumbing -------------------------------------------------------------------
     def options(self) -> list[str]:
         """The `-o` options that select the private architecture and state."""
         lists, cache = self.state_dir / "lists", self.state_dir / "cache"
-        return [
+        opts = [
             "-o", f"APT::Architecture={self.debian_arch}",
             "-o", f"APT::Architectures={self.debian_arch}",
             "-o", f"Dir::State::Lists={lists}",
             "-o", f"Dir::Cache={cache}",
         ]  # fmt: skip
+        if self.suite:
+            opts += [
+                "-o", f"Dir::Etc::SourceList={self.state_dir / 'sources.list'}",
+                "-o", "Dir::Etc::SourceParts=/nonexistent",
+            ]  # fmt: skip
+        return opts
 
     def _prepare(self) -> None:
         for sub in ("lists/partial", "cache/archives/partial"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.suite:
+            line = suite_source_line(self.suite, system_mirror())
+            path = self.state_dir / "sources.list"
+            if not path.is_file() or path.read_text() != line:
+                path.write_text(line)
 
     def _run(
         self, tool: str, args: Sequence[str], cwd: Path | None = None, check: bool = True
@@ -70,7 +104,7 @@ class PrivateApt:
         )
         if check and proc.returncode != 0:
             raise LabError(
-                f"`{tool} {' '.join(args)}` ({self.debian_arch}) failed "
+                f"`{tool} {' '.join(args)}` ({self.what}) failed "
                 f"with exit code {proc.returncode}:\n{_tail(proc.stderr or proc.stdout)}"
             )
         return proc
@@ -90,12 +124,12 @@ class PrivateApt:
         matters is whether the packages we want get a candidate afterwards,
         which the callers check.
         """
-        self._progress(f"apt: updating {self.debian_arch} package lists")
+        self._progress(f"apt: updating {self.what} package lists")
         proc = self._run("apt-get", ["-q", "update"], check=False)
         self._updated = True
         if not self.has_lists:
             raise LabError(
-                f"apt-get update for {self.debian_arch} fetched no package list "
+                f"apt-get update for {self.what} fetched no package list "
                 f"(is the Debian archive reachable?):\n{_tail(proc.stderr or proc.stdout)}"
             )
 
@@ -136,7 +170,7 @@ class PrivateApt:
             version = self.candidate(package)
         if version is None:
             raise LabError(
-                f"apt has no candidate for {package} ({self.debian_arch}) even after "
+                f"apt has no candidate for {package} ({self.what}) even after "
                 f"`apt-get update` in {self.state_dir}"
             )
         return version
@@ -147,7 +181,7 @@ class PrivateApt:
         path = dest / deb_filename(package, version, self.debian_arch)
         if path.is_file() and path.stat().st_size > 0:
             return path
-        self._progress(f"apt: downloading {package} {version} ({self.debian_arch})")
+        self._progress(f"apt: downloading {package} {version} ({self.what})")
         self._run("apt-get", ["-q", "download", f"{package}={version}"], cwd=dest)
         if not path.is_file():
             # apt names files after the version; an "all" package or quoting differs.
@@ -156,6 +190,62 @@ class PrivateApt:
                 raise LabError(f"apt-get download {package} left no .deb in {dest}")
             path = matches[-1]
         return path
+
+
+def lab_apt(
+    root: Path, debian_arch: str, suite: str = "", progress: Progress | None = None
+) -> PrivateApt:
+    """The lab's private apt state for an architecture and suite ("": the host's sources).
+
+    Its lock file is `<root>/locks/apt-<state_dir.name>.lock`: see `lock_name`.
+    """
+    name = f"{debian_arch}-{suite}" if suite else debian_arch
+    return PrivateApt(debian_arch, root / "apt" / name, progress, suite=suite or None)
+
+
+def lock_name(apt: PrivateApt) -> str:
+    """The lock file name that serialises users of one private apt state."""
+    return f"apt-{apt.state_dir.name}.lock"
+
+
+def suite_source_line(suite: str, mirror: str) -> str:
+    """The private source list of one suite: main only, signed by the archive keyring."""
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", suite):
+        raise LabError(f"not a Debian suite name: {suite!r}")
+    return f"deb [signed-by={ARCHIVE_KEYRING}] {mirror} {suite} main\n"
+
+
+def system_mirror(sources: Sequence[Path] = SYSTEM_SOURCES) -> str:
+    """The Debian mirror the system's own apt sources use (not its security mirror)."""
+    for uri in _source_uris(sources):
+        if uri.rstrip("/").endswith("/debian"):
+            return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def _source_uris(sources: Sequence[Path]) -> list[str]:
+    """Every archive URI in one-line (.list) and deb822 (.sources) source files."""
+    files: list[Path] = []
+    for src in sources:
+        if src.is_dir():
+            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
+        elif src.is_file():
+            files.append(src)
+    uris = []
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("URIs:"):
+                uris += line.removeprefix("URIs:").split()
+            elif line.startswith("deb "):
+                words = re.sub(r"\[[^\]]*\]", " ", line).split()
+                if len(words) >= 2:
+                    uris.append(words[1])
+    return uris
 
 
 def deb_filename(package: str, version: str, debian_arch: str) -> str:

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 from vmishell.errors import LabError, PackageError
 from vmishell.lab import initramfs
-from vmishell.lab.apt import PrivateApt
+from vmishell.lab.apt import PrivateApt, lab_apt, lock_name
 from vmishell.lab.bootscript import render_init
 from vmishell.lab.guests import GuestSpec, get_guest
 from vmishell.lab.paths import cache_root
@@ -120,6 +121,14 @@ def load_manifest(image_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def built_release(guest: str | GuestSpec, cache_dir: Path | None = None) -> str | None:
+    """The kernel release the guest's built image boots, or None if it is not built yet."""
+    spec = get_guest(guest)
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    manifest = load_manifest(root / "images" / spec.image_name)
+    return None if manifest is None else manifest.get("kernel_release")
+
+
 def build_guest(
     guest: str | GuestSpec,
     *,
@@ -183,31 +192,72 @@ def _write_initramfs(
     _write_atomic(image_dir / "manifest.json", json.dumps(manifest, indent=2).encode() + b"\n")
 
 
-def _fetch(apt: PrivateApt, spec: GuestSpec, debs: Path) -> dict[str, Any]:
-    """Resolve the concrete kernel package and download it and busybox-static."""
+def _fetch(apt: PrivateApt, spec: GuestSpec, debs: Path, roles: tuple[str, ...]) -> dict[str, Any]:
+    """Resolve the concrete kernel package and download what `roles` names with `apt`.
+
+    roles: "kernel" (the package that holds the image) and/or "busybox".
+    """
+    out: dict[str, Any] = {}
     apt.ensure_lists()
-    names = apt.depends(spec.kernel_package, prefix="linux-image-")
-    if not names and not apt.updated:
-        apt.update()
-        names = apt.depends(spec.kernel_package, prefix="linux-image-")
-    if not names:
-        raise LabError(
-            f"cannot resolve {spec.kernel_package} ({spec.debian_arch}) to a kernel package"
-        )
-    kernel = names[0]
-    meta_version = apt.candidate(spec.kernel_package)
-    out: dict[str, Any] = {"kernel_meta": {"name": spec.kernel_package, "version": meta_version}}
-    for role, name in (("kernel", kernel), ("busybox", BUSYBOX_PACKAGE)):
+    wanted: list[tuple[str, str]] = []
+    if "kernel" in roles:
+        kernel = _kernel_package(apt, spec)
+        out["kernel_meta"] = {
+            "name": spec.kernel_package,
+            "version": apt.candidate(spec.kernel_package),
+        }
+        wanted.append(("kernel", kernel))
+    if "busybox" in roles:
+        wanted.append(("busybox", BUSYBOX_PACKAGE))
+    for role, name in wanted:
         version = apt.resolve(name)
         path = apt.download(name, version, debs)
         out[role] = {"name": name, "version": version, "deb": str(path)}
     return out
 
 
+def _kernel_package(apt: PrivateApt, spec: GuestSpec) -> str:
+    """The package holding the kernel image that `spec.kernel_package` stands for.
+
+    The meta package depends on linux-image-VERSION; since Debian 14 that one is
+    empty and depends on linux-binary-VERSION, which holds the image.
+    """
+    names = apt.depends(spec.kernel_package, prefix="linux-image-")
+    if not names and not apt.updated:
+        apt.update()
+        names = apt.depends(spec.kernel_package, prefix="linux-image-")
+    if not names:
+        raise LabError(f"cannot resolve {spec.kernel_package} ({apt.what}) to a kernel package")
+    binary = apt.depends(names[0], prefix="linux-binary-")
+    return binary[0] if binary else names[0]
+
+
+def _fetch_all(spec: GuestSpec, root: Path, say: Progress, force: bool) -> dict[str, Any]:
+    """Download the kernel (from the guest's suite) and busybox (from the host's)."""
+    debs = root / "debs" / spec.debian_arch
+    host = lab_apt(root, spec.debian_arch, "", say)
+    apts = [(host, ("busybox",) if spec.suite else ("kernel", "busybox"))]
+    if spec.suite:
+        apts.insert(0, (lab_apt(root, spec.debian_arch, spec.suite, say), ("kernel",)))
+    packages: dict[str, Any] = {}
+    for apt, roles in apts:
+        with _locked(root / "locks" / lock_name(apt)):
+            if force:
+                apt.update()
+            try:
+                packages.update(_fetch(apt, spec, debs, roles))
+            except LabError:
+                if apt.updated:
+                    raise
+                apt.update()  # stale lists can name versions the mirror dropped
+                packages.update(_fetch(apt, spec, debs, roles))
+    return packages
+
+
 def _unpack(
     packages: dict[str, Any], kernel_deb: Path, busybox_deb: Path
-) -> tuple[dict[str, bytes], bytes]:
-    """({boot/vmlinuz-*, boot/config-*: bytes}, busybox) after checking what each .deb holds."""
+) -> tuple[bytes, bytes | None, bytes]:
+    """(vmlinuz, config or None, busybox) after checking what each .deb holds."""
     for role in ("kernel", "busybox"):
         path = Path(packages[role]["deb"])
         fields = deb.control_fields(path)
@@ -220,12 +270,31 @@ def _unpack(
         stop_when=lambda found: len(found) >= 2,
         folder="boot/",
     )
-    if not any(n.startswith("boot/vmlinuz-") for n in boot):
-        raise LabError(f"{kernel_deb} has no boot/vmlinuz-*")
+    vmlinuz = next((n for n in boot if n.startswith("boot/vmlinuz-")), None)
+    if vmlinuz is None:
+        # Debian 14's linux-binary-VERSION: usr/lib/modules/VERSION/vmlinuz, no config.
+        boot = deb.extract(
+            kernel_deb, lambda n: MODULES_VMLINUZ.match(n) is not None, stop_when=bool
+        )
+        vmlinuz = next(iter(boot), None)
+    if vmlinuz is None:
+        raise LabError(f"{kernel_deb} has no boot/vmlinuz-* nor usr/lib/modules/*/vmlinuz")
+    config = next((data for n, data in boot.items() if n.startswith("boot/config-")), None)
+    packages["kernel"]["release"] = kernel_release(vmlinuz)
     bb = deb.extract(busybox_deb, lambda n: n == "bin/busybox", stop_when=bool, folder="bin/")
     if "bin/busybox" not in bb:
         raise LabError(f"{busybox_deb} has no bin/busybox")
-    return boot, bb["bin/busybox"]
+    return boot[vmlinuz], config, bb["bin/busybox"]
+
+
+#: Where Debian 14 and later keep the kernel image inside linux-binary-VERSION.
+MODULES_VMLINUZ = re.compile(r"^usr/lib/modules/([^/]+)/vmlinuz$")
+
+
+def kernel_release(member: str) -> str:
+    """The release ("6.12.117+deb13-amd64") from the image's path inside the package."""
+    m = MODULES_VMLINUZ.match(member)
+    return m.group(1) if m else member.removeprefix("boot/vmlinuz-")
 
 
 def _build_image(
@@ -233,35 +302,22 @@ def _build_image(
 ) -> dict[str, Any]:
     started = time.monotonic()
     say(f"{spec.image_name}: building from Debian {spec.debian_arch} packages")
-    apt = PrivateApt(spec.debian_arch, root / "apt" / spec.debian_arch, say)
-    debs = root / "debs" / spec.debian_arch
-    with _locked(root / "locks" / f"apt-{spec.debian_arch}.lock"):
-        if force:
-            apt.update()
-        try:
-            packages = _fetch(apt, spec, debs)
-        except LabError:
-            if apt.updated:
-                raise
-            apt.update()  # stale lists can name versions the mirror dropped
-            packages = _fetch(apt, spec, debs)
+    packages = _fetch_all(spec, root, say, force)
 
     kernel_deb = Path(packages["kernel"]["deb"])
     busybox_deb = Path(packages["busybox"]["deb"])
     say(f"{spec.image_name}: unpacking {kernel_deb.name}")
     try:
-        boot, busybox = _unpack(packages, kernel_deb, busybox_deb)
+        image, config, busybox = _unpack(packages, kernel_deb, busybox_deb)
     except PackageError as exc:
         raise LabError(f"{spec.image_name}: {exc}") from exc
-    vmlinuz_name = next(n for n in boot if n.startswith("boot/vmlinuz-"))
-    release = vmlinuz_name.removeprefix("boot/vmlinuz-")
+    release = packages["kernel"]["release"]
 
     image_dir.mkdir(parents=True, exist_ok=True)
     vmlinuz = image_dir / "vmlinuz"
-    _write_atomic(vmlinuz, boot[vmlinuz_name])
-    config_name = f"boot/config-{release}"
-    if config_name in boot:
-        _write_atomic(image_dir / "config", boot[config_name])
+    _write_atomic(vmlinuz, image)
+    if config is not None:
+        _write_atomic(image_dir / "config", config)
     busybox_path = image_dir / "busybox"
     _write_atomic(busybox_path, busybox)
     packages["busybox"]["binary_sha256"] = _sha256(busybox)
@@ -275,8 +331,9 @@ def _build_image(
         "packages": packages,
         "kernel_deb": str(kernel_deb),
         "vmlinuz": str(vmlinuz),
-        "vmlinuz_sha256": _sha256(boot[vmlinuz_name]),
-        "config": str(image_dir / "config") if config_name in boot else None,
+        "suite": spec.suite or None,
+        "vmlinuz_sha256": _sha256(image),
+        "config": str(image_dir / "config") if config is not None else None,
         "busybox": str(busybox_path),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vmishell.lab import runner
-from vmishell.lab.build import build_guest
+from vmishell.lab.build import build_guest, built_release
 from vmishell.lab.guests import ACCELERATORS, DEFAULT_MEMORY_MB, GUESTS, PLANNED_GUESTS
 
 
@@ -92,15 +92,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     statuses = runner.list_guests()
+    releases = {name: built_release(name) for name in GUESTS}
     if getattr(args, "json", False):
-        catalogue = {name: asdict(spec) for name, spec in GUESTS.items()}
+        catalogue = {n: {**asdict(g), "kernel_release": releases[n]} for n, g in GUESTS.items()}
         print(json.dumps({"guests": catalogue, "instances": [asdict(s) for s in statuses]}))
         return 0
     print("guests:")
     for spec in GUESTS.values():
-        print(f"  {spec.name:<12} {spec.paging:<8} {spec.description}")
+        kernel = releases[spec.name] or "(not built yet)"
+        print(f"  {spec.name:<16} {spec.paging:<8} {kernel:<24} {spec.description}")
     for spec in PLANNED_GUESTS.values():
-        print(f"  {spec.name:<12} {'planned':<8} {spec.description}")
+        print(f"  {spec.name:<16} {'planned':<8} {'':<24} {spec.description}")
     print("instances:" if statuses else "instances: none")
     for st in statuses:
         print("  " + _format_status(st))

@@ -37,7 +37,7 @@ from typing import Any
 
 from vmishell.errors import LabError, PackageError, ProfileError
 from vmishell.lab import pahole
-from vmishell.lab.apt import PrivateApt
+from vmishell.lab.apt import lab_apt, lock_name
 from vmishell.lab.paths import cache_root
 from vmishell.symbols import deb
 from vmishell.symbols.profile import Profile
@@ -60,7 +60,7 @@ class DebugFiles:
 
     @property
     def release(self) -> str:
-        return self.kernel_package.removeprefix("linux-image-")
+        return kernel_release_of(self.kernel_package)
 
     @property
     def system_map(self) -> Path:
@@ -80,6 +80,28 @@ class DebugFiles:
         return json.loads(self.layouts_path.read_text())
 
 
+def kernel_release_of(kernel_package: str) -> str:
+    """The release of a kernel package: linux-image-X, or Debian 14's linux-binary-X."""
+    return kernel_package.removeprefix("linux-image-").removeprefix("linux-binary-")
+
+
+def dbg_package_of(kernel_package: str) -> str:
+    """The -dbg package of a kernel package: linux-image-<release>-dbg in every suite."""
+    return f"linux-image-{kernel_release_of(kernel_package)}-dbg"
+
+
+def dbg_layouts(release: str) -> list[tuple[str, tuple[str, str]]]:
+    """Where -dbg packages keep (System.map, vmlinux): (folder, (names)), oldest layout first.
+
+    Up to Debian 13 under usr/lib/debug/boot/ with the release in the names;
+    Debian 14 under usr/lib/debug/lib/modules/<release>/ (boot/ holds symlinks).
+    """
+    return [
+        (_DBG_BOOT, (f"System.map-{release}", f"vmlinux-{release}")),
+        (f"usr/lib/debug/lib/modules/{release}/", ("System.map", "vmlinux")),
+    ]
+
+
 def dbg_folder(debian_arch: str, kernel_package: str, version: str, cache: Path) -> Path:
     return cache / "dbg" / debian_arch / f"{kernel_package}_{version.replace(':', '%3a')}"
 
@@ -94,10 +116,12 @@ def debug_files(
     keep_deb: bool = False,
     keep_vmlinux: bool = False,
     progress: Progress | None = None,
+    suite: str = "",
 ) -> DebugFiles:
     """The -dbg files of `kernel_package` `version`, downloading and boiling down once.
 
     `btf` also makes <release>.btf (types for kernels without BTF of their own).
+    `suite` is the Debian suite the kernel comes from ("": the host's sources).
     """
     say = progress or (lambda _msg: None)
     root = cache if cache is not None else cache_root()
@@ -110,7 +134,7 @@ def debug_files(
         if found is not None:
             return found
         folder.mkdir(parents=True, exist_ok=True)
-        record = _make(folder, root, debian_arch, kernel_package, version, btf, say)
+        record = _make(folder, root, debian_arch, kernel_package, version, btf, say, suite)
         _keep_or_delete(folder, record, keep_deb, keep_vmlinux)
         _write_json(folder / "record.json", record)
     return DebugFiles(kernel_package, version, debian_arch, folder, record)
@@ -136,10 +160,11 @@ def _make(
     version: str,
     btf: bool,
     say: Progress,
+    suite: str = "",
 ) -> dict[str, Any]:
     """Make whatever of System.map, layouts.json and the BTF is missing; the record."""
-    release = kernel_package.removeprefix("linux-image-")
-    dbg_package = f"{kernel_package}-dbg"
+    release = kernel_release_of(kernel_package)
+    dbg_package = dbg_package_of(kernel_package)
     vmlinux, smap = folder / f"vmlinux-{release}", folder / f"System.map-{release}"
     layouts, btf_path = folder / "layouts.json", folder / f"{release}.btf"
     record: dict[str, Any] = {"kernel_package": kernel_package, "version": version}
@@ -147,19 +172,25 @@ def _make(
         record.update(json.loads((folder / "record.json").read_text()))
     needs_vmlinux = not layouts.is_file() or (btf and not btf_path.is_file())
     if not smap.is_file() or (needs_vmlinux and not vmlinux.is_file()):
-        dbg = _download(root, debian_arch, dbg_package, version, folder, say)
+        dbg = _download(root, debian_arch, dbg_package, version, folder, say, suite)
         record.update(_describe_deb(dbg, dbg_package, version))
-        wanted = {f"{_DBG_BOOT}System.map-{release}": smap}
-        if needs_vmlinux:
-            wanted[f"{_DBG_BOOT}vmlinux-{release}"] = vmlinux
-        say(f"{dbg_package}: extracting {', '.join(p.name for p in wanted.values())}")
+        say(
+            f"{dbg_package}: extracting {smap.name}"
+            + (f", {vmlinux.name}" if needs_vmlinux else "")
+        )
         started = time.monotonic()
-        try:
-            written = deb.extract_to(dbg, wanted, folder=_DBG_BOOT)
-        except PackageError as exc:
-            raise LabError(f"{dbg_package} {version}: {exc}") from exc
-        missing = [name for name in wanted if name not in written]
-        if missing:
+        for folder_in_deb, names in dbg_layouts(release):
+            wanted = {folder_in_deb + names[0]: smap}
+            if needs_vmlinux:
+                wanted[folder_in_deb + names[1]] = vmlinux
+            try:
+                written = deb.extract_to(dbg, wanted, folder=folder_in_deb)
+            except PackageError as exc:
+                raise LabError(f"{dbg_package} {version}: {exc}") from exc
+            missing = [name for name in wanted if name not in written]
+            if not missing:
+                break
+        else:
             raise LabError(f"{dbg} has no {', '.join(missing)}")
         say(f"  done in {time.monotonic() - started:.1f} s")
     if not layouts.is_file():
@@ -177,10 +208,16 @@ def _make(
 
 
 def _download(
-    root: Path, debian_arch: str, package: str, version: str, dest: Path, say: Progress
+    root: Path,
+    debian_arch: str,
+    package: str,
+    version: str,
+    dest: Path,
+    say: Progress,
+    suite: str = "",
 ) -> Path:
-    apt = PrivateApt(debian_arch, root / "apt" / debian_arch, say)
-    with _locked(root / "locks" / f"apt-{debian_arch}.lock"):
+    apt = lab_apt(root, debian_arch, suite, say)
+    with _locked(root / "locks" / lock_name(apt)):
         apt.ensure_lists()
         try:
             return apt.download(package, version, dest)

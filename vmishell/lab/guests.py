@@ -5,6 +5,15 @@ Debian kernel, so a spec names exactly what makes it different (CPU flags,
 machine, kernel flavour) and nothing else. Several guests may share one built
 image (the same kernel and initramfs): `image` names the build they use.
 
+Other kernel generations are other Debian suites of the same architecture:
+`x86_64-bullseye` (5.10), `x86_64-trixie` (6.12), `x86_64-sid` (newest), beside
+the default `x86_64` (the host's suite, bookworm, 6.1). The suite is spelt as a
+suffix like the other variants (`x86_64-la57`): a plain word that is safe in
+file names, QEMU options and shell commands, and that says which archive
+the kernel comes from rather than a version Debian will move on from. Only the
+kernel comes from that suite: busybox and the workload stay the host suite's,
+so every generation runs the same user space and prints the same ground truth.
+
 Adding aarch64 later means adding a spec (see `PLANNED_GUESTS`), a workload
 for the architecture and a register parser; the runner already reads the
 console name and the physical offset of RAM from the spec.
@@ -34,6 +43,8 @@ class GuestSpec:
     `debian_arch` is the Debian architecture whose packages are downloaded.
     `phys_offset` is the guest-physical address of the first byte of the RAM
     file (0 on x86 `pc`/`q35` below 2 GiB, 0x40000000 on aarch64 `virt`).
+    `suite` is the Debian suite the kernel package comes from ("" for the
+    host's own apt sources).
     """
 
     name: str
@@ -51,6 +62,7 @@ class GuestSpec:
     kaslr: bool = True
     image: str = ""
     kernel_args: tuple[str, ...] = field(default_factory=tuple)
+    suite: str = ""
 
     @property
     def image_name(self) -> str:
@@ -127,6 +139,45 @@ GUESTS: dict[str, GuestSpec] = {
         ),
     )
 }
+
+
+def _generation(suite: str, version: str) -> GuestSpec:
+    """The default x86_64 guest with the kernel of another Debian suite."""
+    return GuestSpec(
+        name=f"x86_64-{suite}",
+        arch="x86_64",
+        debian_arch="amd64",
+        kernel_package="linux-image-amd64",
+        qemu_binary="qemu-system-x86_64",
+        qemu_package="qemu-system-x86",
+        machine="q35",
+        cpu="qemu64",
+        paging="4-level",
+        description=f"Debian {suite} amd64 kernel ({version}), 4-level paging, KASLR on",
+        suite=suite,
+    )
+
+
+#: Kernel generations other than the host suite's, oldest first.
+GENERATIONS: tuple[str, ...] = ("bullseye", "trixie", "sid")
+_VERSIONS = {"bullseye": "5.10", "trixie": "6.12", "sid": "newest"}
+for _suite in GENERATIONS:
+    _spec = _generation(_suite, _VERSIONS[_suite])
+    GUESTS[_spec.name] = _spec
+GUESTS["x86_64-sid-la57"] = GuestSpec(
+    name="x86_64-sid-la57",
+    arch="x86_64",
+    debian_arch="amd64",
+    kernel_package="linux-image-amd64",
+    qemu_binary="qemu-system-x86_64",
+    qemu_package="qemu-system-x86",
+    machine="q35",
+    cpu="qemu64,+la57",
+    paging="5-level",
+    description="the x86_64-sid kernel on a CPU with LA57: 5-level paging",
+    image="x86_64-sid",
+    suite="sid",
+)
 
 #: Guests the design allows for but that are not implemented yet (no workload,
 #: no register parser). Kept as data so the catalogue's shape stays honest.

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmishell.errors import VmiError
-from vmishell.lab.apt import PrivateApt
-from vmishell.lab.dbgprofiles import DebugFiles, check_profile, debug_files
+from vmishell.lab.apt import PrivateApt, lab_apt, lock_name
+from vmishell.lab.dbgprofiles import DebugFiles, check_profile, debug_files, kernel_release_of
 from vmishell.lab.guests import GUESTS
 from vmishell.lab.paths import cache_root
 from vmishell.lab.profiles import PACKAGE_ALONE, Progress, build_kernel_profile
@@ -52,18 +52,23 @@ class LabKernel:
     debian_arch: str
     meta: str  # e.g. linux-image-686-pae
     guests: tuple[str, ...]
+    suite: str = ""  # "" for the host's suite, else e.g. "trixie"
 
     @property
     def flavour(self) -> str:
-        return self.meta.removeprefix("linux-image-")
+        flavour = self.meta.removeprefix("linux-image-")
+        return f"{flavour}-{self.suite}" if self.suite else flavour
 
 
 def lab_kernels() -> list[LabKernel]:
-    """The kernel flavours of the lab guests, in the catalogue's order."""
-    found: dict[tuple[str, str], list[str]] = {}
+    """The kernel flavours of the lab guests (per Debian suite), in the catalogue's order."""
+    found: dict[tuple[str, str, str], list[str]] = {}
     for spec in GUESTS.values():
-        found.setdefault((spec.debian_arch, spec.kernel_package), []).append(spec.name)
-    return [LabKernel(arch, meta, tuple(guests)) for (arch, meta), guests in found.items()]
+        key = (spec.debian_arch, spec.kernel_package, spec.suite)
+        found.setdefault(key, []).append(spec.name)
+    return [
+        LabKernel(arch, meta, tuple(guests), suite) for (arch, meta, suite), guests in found.items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.{digits}f} MB"
 
 
+def _suite(kernel: LabKernel) -> str:
+    return f" from {kernel.suite}" if kernel.suite else ""
+
+
 def render_section(shipped: list[Shipped], date: str) -> str:
     """The generated part of profiles/README.md (between BEGIN and END)."""
     lines = [
@@ -115,7 +124,7 @@ def render_section(shipped: list[Shipped], date: str) -> str:
         lines.append(
             f"| `{s.profile.name}` | {_mb(s.profile.stat().st_size)} / {_mb(s.json_size)} "
             f"| `{sha256_of(s.profile)}` | `{s.package}` {s.version} ({s.kernel.debian_arch}), "
-            f"via `{s.kernel.meta}` {s.meta_version} | {guests} |"
+            f"via `{s.kernel.meta}` {s.meta_version}{_suite(s.kernel)} | {guests} |"
         )
     lines += ["", "Banners (`linux_banner`, which is what the finder matches):", "", "```"]
     lines += [s.banner for s in shipped]
@@ -161,12 +170,17 @@ def prune(out_dir: Path, keep: set[Path]) -> list[Path]:
 
 
 def resolve(apt: PrivateApt, meta: str) -> tuple[str, str, str]:
-    """(meta version, concrete kernel package, its version) apt would install today."""
+    """(meta version, kernel package holding the image, its version) apt would install today.
+
+    Since Debian 14, linux-image-VERSION is empty and the image is in linux-binary-VERSION.
+    """
     names = [n for n in apt.depends(meta, prefix="linux-image-") if not n.endswith("-dbg")]
     if not names:
-        raise VmiError(f"cannot resolve {meta} ({apt.debian_arch}) to a kernel package")
+        raise VmiError(f"cannot resolve {meta} ({apt.what}) to a kernel package")
     meta_version = apt.resolve(meta)
-    return meta_version, names[0], apt.resolve(names[0])
+    binary = apt.depends(names[0], prefix="linux-binary-")
+    package = binary[0] if binary else names[0]
+    return meta_version, package, apt.resolve(package)
 
 
 def refresh_kernel(
@@ -182,7 +196,7 @@ def refresh_kernel(
     """Make (or keep) the profile of the kernel `kernel.meta` names today, checked."""
     root = cache_root()
     (root / "locks").mkdir(parents=True, exist_ok=True)
-    with open(root / "locks" / f"apt-{kernel.debian_arch}.lock", "a") as lock:
+    with open(root / "locks" / lock_name(apt), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         apt.ensure_lists(refresh=update)
         meta_version, package, version = resolve(apt, kernel.meta)
@@ -190,9 +204,9 @@ def refresh_kernel(
     say(f"{kernel.meta} {meta_version} -> {package} {version}")
     dbg = debug_files(
         kernel.debian_arch, package, version, btf=kernel.debian_arch not in PACKAGE_ALONE,
-        keep_deb=keep, keep_vmlinux=keep, progress=say,
+        keep_deb=keep, keep_vmlinux=keep, progress=say, suite=kernel.suite,
     )  # fmt: skip
-    release = package.removeprefix("linux-image-")
+    release = kernel_release_of(package)
     out = out_dir / f"linux-{release}-{version.replace(':', '_')}{PROFILE_SUFFIX}"
     if out.is_file() and not force and not check_profile(load_profile(out), dbg):
         say(f"{out.name} is up to date")
@@ -251,12 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out_dir or default_output_dir()).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped, failed = [], 0
-    apts: dict[str, PrivateApt] = {}  # one per architecture: its lists are updated once
+    apts: dict[tuple[str, str], PrivateApt] = {}  # one per arch and suite: updated once
     for kernel in lab_kernels():
         if args.kernel and kernel.flavour not in args.kernel:
             continue
-        arch = kernel.debian_arch
-        apt = apts.setdefault(arch, PrivateApt(arch, cache_root() / "apt" / arch, say))
+        key = (kernel.debian_arch, kernel.suite)
+        apt = apts.setdefault(key, lab_apt(cache_root(), *key, say))
         try:
             made = refresh_kernel(
                 kernel, out_dir, apt, update=not args.no_update, force=args.force,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -134,7 +134,7 @@ class _Finder:
         )  # fmt: skip
         text = b"\n".join(symbols_raw).decode("latin-1").split("\n")
         symbols = [Symbol(s[1:], s[0], a) for s, a in zip(text, addresses, strict=True)]
-        return Kallsyms(symbols, layout)
+        return Kallsyms(drop_local_labels(symbols), layout)
 
     def _token_table(self, digits: int) -> tuple[int, int, list[bytes]]:
         """Walk from the digit tokens to tokens 1..255, then let token_index fix token 0."""
@@ -172,8 +172,14 @@ class _Finder:
                 return table, index, tokens
         raise _NotHere("no kallsyms_token_index consistent with the token table")
 
-    def _markers_back_from(self, end: int, width: int, limit: int) -> tuple[int, list[int]] | None:
-        """Markers ending at `end` (maybe one padding word): ascending, first is 0."""
+    def _markers_back_from(self, end: int, width: int, limit: int) -> list[tuple[int, list[int]]]:
+        """Marker runs ending at `end` or one padding word before it: ascending, first is 0.
+
+        6.1 ends the markers right at the token table; later kernels (u32
+        markers, 8-aligned token table) may leave a zero padding word between,
+        which on its own reads as a one-marker run: both are candidates.
+        """
+        runs = []
         for pad in (0, width) if width < self.ptr else (0,):
             vals: list[int] = []
             q = end - pad - width
@@ -183,9 +189,10 @@ class _Finder:
                     break
                 vals.append(v)
                 if v == 0:
-                    return q, vals[::-1]
+                    runs.append((q, vals[::-1]))
+                    break
                 q -= width
-        return None
+        return runs
 
     def _names_and_markers(
         self, table: int, tokens: list[bytes]
@@ -194,13 +201,12 @@ class _Finder:
         widths = sorted({self.ptr, 4}, reverse=True)
         # Up to 6.1: the markers end right before the token table.
         for width in widths:
-            found = self._markers_back_from(table, width, max(0, table - (1 << 22)))
-            if found is None or len(found[1]) < 1:
-                continue
-            markers_at, markers = found
-            hit = self._num_syms_before(markers_at, markers, tokens)
-            if hit:
-                return hit[0], hit[1], hit[2], markers_at, markers, None
+            for markers_at, markers in self._markers_back_from(
+                table, width, max(0, table - (1 << 22))
+            ):
+                hit = self._num_syms_before(markers_at, markers, tokens)
+                if hit:
+                    return hit[0], hit[1], hit[2], markers_at, markers, None
         # 6.2+: kallsyms_seqs_of_names (3 bytes per symbol) sits between markers and tokens.
         lo = max(0, table - (1 << 25))
         for p in range(table - 4 - (table % 4), lo, -4):
@@ -216,11 +222,11 @@ class _Finder:
                     markers = [self.uint(markers_at + width * k, width) for k in range(m)]
                     if any(b <= a for a, b in pairwise(markers)):
                         continue
-                    names = self.align(p + 4)
-                    if names + markers[-1] >= markers_at:
-                        continue
-                    if self._names_fit(names, n, tokens, markers, markers_at):
-                        return names, p, n, markers_at, markers, seqs
+                    for names in self._names_after(p):
+                        if names + markers[-1] >= markers_at:
+                            continue
+                        if self._names_fit(names, n, tokens, markers, markers_at):
+                            return names, p, n, markers_at, markers, seqs
         raise _NotHere("no kallsyms_markers/kallsyms_names/kallsyms_num_syms before the tokens")
 
     def _num_syms_before(
@@ -234,10 +240,19 @@ class _Finder:
             n = self.u32(p)
             if not lo_n <= n <= hi_n:
                 continue
-            names = self.align(p + 4)
-            if self._names_fit(names, n, tokens, markers, markers_at):
-                return names, p, n
+            for names in self._names_after(p):
+                if self._names_fit(names, n, tokens, markers, markers_at):
+                    return names, p, n
         return None
+
+    def _names_after(self, num_syms: int) -> tuple[int, ...]:
+        """Where kallsyms_names may start: pointer-aligned (up to 6.x) or right after the count.
+
+        Newer scripts/kallsyms.c no longer aligns the names after `.long num_syms`.
+        """
+        packed = num_syms + 4
+        aligned = self.align(packed)
+        return (aligned, packed) if aligned != packed else (packed,)
 
     def _names_fit(
         self, names: int, n: int, tokens: list[bytes], markers: list[int], markers_at: int
@@ -303,6 +318,9 @@ class _Finder:
             decoded = self._relative(start, rb_at, n)
             if decoded is not None:
                 return start, rb_at, decoded[0], True, decoded[1]
+        place_relative = self._place_relative(after, n)
+        if place_relative is not None:
+            return after, None, place_relative, True, False
         for start in (num_syms - n * ptr, after):
             if start < 0 or start + n * ptr > len(self.data):
                 continue
@@ -312,6 +330,27 @@ class _Finder:
             if _sorted(arr) and arr[-1] > arr[0]:
                 return start, None, list(arr), False, False
         raise _NotHere("no kallsyms_offsets/kallsyms_addresses giving sorted addresses")
+
+    def _place_relative(self, start: int, n: int) -> list[int] | None:
+        """kallsyms_offsets as `.long sym - .` (no kallsyms_relative_base; newest kernels).
+
+        Each entry is the symbol's distance from the entry itself, so its link
+        address needs the entry's own: taken from the ELF program headers.
+        """
+        to_vaddr = elf_vaddr_of(self.data)
+        if to_vaddr is None or start + 4 * n > len(self.data):
+            return None
+        base = to_vaddr(start)
+        if base is None:
+            return None
+        offsets = array("i", self.data[start : start + 4 * n])
+        if self.endian != _native():
+            offsets.byteswap()
+        mask = (1 << (8 * self.ptr)) - 1
+        addrs = [(base + 4 * i + o) & mask for i, o in enumerate(offsets)]
+        if not _sorted(addrs) or addrs[-1] == addrs[0]:
+            return None
+        return addrs
 
     def _relocated_base(self, slot: int) -> tuple[int, int]:
         """(image base, relative_base) from the R_AARCH64_RELATIVE entry for `slot`.
@@ -360,6 +399,40 @@ class _Finder:
         if not _sorted(addrs) or addrs[-1] == addrs[0]:
             return None
         return addrs, percpu
+
+
+def drop_local_labels(symbols: list[Symbol]) -> list[Symbol]:
+    """Without the assembler's local labels (".LC0", ".L__unnamed_1").
+
+    Older scripts/kallsyms.c (5.10) kept some of them in the tables; they name
+    no object, and System.map (scripts/mksysmap) has always left them out.
+    """
+    return [s for s in symbols if not s.name.startswith(".L")]
+
+
+def elf_vaddr_of(data: bytes) -> Callable[[int], int | None] | None:
+    """File offset -> link address through an ELF64's PT_LOAD headers (None: not ELF64)."""
+    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
+        return None
+    bo = "<" if data[5] == 1 else ">"
+    (phoff,) = struct.unpack_from(bo + "Q", data, 32)
+    phentsize, phnum = struct.unpack_from(bo + "HH", data, 54)
+    loads = []
+    for i in range(min(phnum, 64)):
+        at = phoff + i * phentsize
+        if at + 56 > len(data):
+            break
+        kind, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from(bo + "IIQQQQ", data, at)
+        if kind == 1:
+            loads.append((offset, offset + filesz, vaddr))
+
+    def to_vaddr(offset: int) -> int | None:
+        for lo, hi, vaddr in loads:
+            if lo <= offset < hi:
+                return vaddr + offset - lo
+        return None
+
+    return to_vaddr
 
 
 class _NotHere(Exception):

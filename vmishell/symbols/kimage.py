@@ -257,6 +257,8 @@ _BOOT_FILES = {
     "system_map": re.compile(r"^boot/System\.map(-.+)?$"),
     "config": re.compile(r"^boot/config(-.+)?$"),
 }
+#: Debian 14 and later: linux-binary-VERSION holds only usr/lib/modules/VERSION/vmlinuz.
+_MODULES_FILES = {"kernel": re.compile(r"^usr/lib/modules/[^/]+/vmlinuz$")}
 _DBG_FILES = {"system_map": re.compile(r"^usr/lib/debug/boot/System\.map(-.+)?$")}
 
 
@@ -276,6 +278,8 @@ def _read_deb(
 def _open_deb(path: Path, report: Progress) -> KernelImage:
     fields, files = _read_deb(path, _BOOT_FILES, "boot/", report)
     package = fields.get("Package", path.name)
+    if "kernel" not in files:
+        files.update(_read_deb(path, _MODULES_FILES, "usr/lib/modules/", report)[1])
     if "kernel" not in files:
         hint = " (a -dbg package? pass it with --system-map)" if "-dbg" in package else ""
         raise KernelImageError(

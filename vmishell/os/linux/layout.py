@@ -46,6 +46,8 @@ class TaskLayout:
     cred_euid: int | None
     worker_private: int | None
     kthread_full_name: int | None
+    #: wq_worker_comm() shows a worker's full ID (the kernel has format_worker_id).
+    worker_full_id: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,7 @@ def task_layout(p: Profile) -> TaskLayout:
         kthread_full_name=(
             _first_field(p, "kthread", "full_name") if p.has_type("kthread") else None
         ),
+        worker_full_id=p.has_symbol("format_worker_id"),
     )
 
 

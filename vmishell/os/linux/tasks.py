@@ -66,6 +66,21 @@ def state_letter(state: int, exit_state: int) -> str:
     return STATE_CHARS[index.bit_length()]
 
 
+def shows_full_name(flags: int, worker_full_id: bool) -> bool:
+    """Whether /proc/PID/comm shows a task's untruncated kthread name, not its comm.
+
+    Kernel threads show their full name (5.17+). Workqueue workers show what
+    `wq_worker_comm()` makes: their comm (plus the work they serve) while it
+    copies task->comm, or their full worker ID ("kworker/R-mm_percpu_wq",
+    which is the name the kthread was created with) once it formats that ID
+    with `format_worker_id()` (6.10+, and stable backports): `worker_full_id`,
+    taken from whether the profile has that symbol.
+    """
+    if not flags & PF_KTHREAD:
+        return False
+    return worker_full_id or not flags & PF_WQ_WORKER
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """One task (thread) as the guest kernel describes it."""
@@ -130,10 +145,8 @@ class TaskWalker:
         pid, tgid = s32(t.pid), s32(t.tgid)
         comm_raw = raw[t.comm : t.comm + t.comm_size].split(b"\0")[0]
         flags = u(t.flags, 4)
-        # Like /proc/PID/comm: kernel threads by their full name, workqueue
-        # workers (which the guest decorates with their work) by comm.
         truncated = len(comm_raw) == t.comm_size - 1
-        if flags & PF_KTHREAD and not flags & PF_WQ_WORKER and truncated:
+        if truncated and shows_full_name(flags, t.worker_full_id):
             comm_raw = self._kthread_full_name(raw) or comm_raw
         comm = decode_guest_string(comm_raw)
         mm = ptr(raw, t.mm)[0]
