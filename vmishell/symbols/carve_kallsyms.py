@@ -88,13 +88,12 @@ class _MemoryFinder(_Finder):
     ) -> tuple[int, int, int, int, list[int], int | None]:
         widths = sorted({self.ptr, 4}, reverse=True)
         for width in widths:  # up to 6.1: the markers end right before the token table
-            found = self._markers_back_from(table, width, max(0, table - (1 << 22)))
-            if found is None or len(found[1]) < 1:
-                continue
-            markers_at, markers = found
-            hit = self._num_syms_before(markers_at, markers, tokens)
-            if hit:
-                return hit[0], hit[1], hit[2], markers_at, markers, None
+            for markers_at, markers in self._markers_back_from(
+                table, width, max(0, table - (1 << 22))
+            ):
+                hit = self._num_syms_before(markers_at, markers, tokens)
+                if hit:
+                    return hit[0], hit[1], hit[2], markers_at, markers, None
         for p in self._count_positions(table):
             n = self.u32(p)
             m = (n + 255) // 256
@@ -106,11 +105,11 @@ class _MemoryFinder(_Finder):
                     markers = [self.uint(markers_at + width * k, width) for k in range(m)]
                     if any(b <= a for a, b in pairwise(markers)):
                         continue
-                    names = self.align(p + 4)
-                    if names + markers[-1] >= markers_at:
-                        continue
-                    if self._names_fit(names, n, tokens, markers, markers_at):
-                        return names, p, n, markers_at, markers, seqs
+                    for names in self._names_after(p):
+                        if names + markers[-1] >= markers_at:
+                            continue
+                        if self._names_fit(names, n, tokens, markers, markers_at):
+                            return names, p, n, markers_at, markers, seqs
         # Layouts the package reader learns later (it is the reference): its own search.
         # Only a candidate whose token table and index agree gets here.
         return super()._names_and_markers(table, tokens)
