@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from vmishell.errors import PageFault, SymbolNotFound, VmiError
 from vmishell.symbols.decode import DecodeLimits, decode, layout
 from vmishell.symbols.profile import Profile, TypeRef
-from vmishell.symbols.values import Array, EnumValue, Pointer, Struct
+from vmishell.symbols.values import Array, EnumValue, FieldValue, Pointer, Struct
 
 
 def _base(size: int, signed: bool, kind: str = "int") -> dict:
@@ -252,3 +252,30 @@ def test_any_bytes_decode_or_raise_only_vmishell_errors(profile: Profile, data, 
     d.to_text()
     d._repr_html_()
     d.to_dict()
+
+
+def test_anonymous_members_show_as_struct_braces_not_hashed_names() -> None:
+    """pahole and drgn show an anonymous struct as `struct {…}`; its members follow."""
+    inner = Struct(
+        "unnamed_dbdd48c03bf27356",
+        "struct",
+        0x1000,
+        4,
+        (FieldValue("counter", 0, TypeRef("base", "int"), 0x1000, 4, 7),),
+    )
+    outer = Struct(
+        "mm_struct",
+        "struct",
+        0x1000,
+        4,
+        (
+            FieldValue(
+                "mm_users", 0, TypeRef("struct", "unnamed_dbdd48c03bf27356"), 0x1000, 4, inner
+            ),
+        ),
+    )
+    for shown in (outer.to_text(), outer._repr_html_(), outer.frame().to_string()):
+        assert "unnamed_" not in shown
+        assert "struct {…}" in shown
+    assert "counter" in outer.to_text()
+    assert inner.header().startswith("struct {…} @ 0x1000")

@@ -11,6 +11,7 @@ escaped) and the HTML form escapes every value.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -183,13 +184,15 @@ class Struct:
         import pandas as pd
 
         rows = [
-            (f.offset, f.name, str(f.type), f.size, _inline(f.value), f.error) for f in self.fields
+            (f.offset, f.name, type_text(f.type), f.size, _inline(f.value), f.error)
+            for f in self.fields
         ]
         return pd.DataFrame(rows, columns=["offset", "name", "type", "size", "value", "error"])
 
     # -- display --------------------------------------------------------------
     def header(self) -> str:
-        return f"{self.kind} {self.type_name} @ {self.address:#x} ({self.size} bytes)"
+        name = "{…}" if _ANONYMOUS.fullmatch(f"{self.kind} {self.type_name}") else self.type_name
+        return f"{self.kind} {name} @ {self.address:#x} ({self.size} bytes)"
 
     def to_text(self, indent: int = 0) -> str:
         """An indented member tree, one member per line; guest strings via repr."""
@@ -208,6 +211,17 @@ class Struct:
 
 
 # -- rendering ------------------------------------------------------------------------
+
+#: ISF names anonymous structs and unions `unnamed_<16 hex>` (a hash of the layout).
+_ANONYMOUS = re.compile(r"\b(struct|union) unnamed_[0-9a-f]{16}\b")
+
+
+def type_text(type_: Any) -> str:
+    """A member's type as pahole and drgn show it: an anonymous one as `struct {…}`.
+
+    Its members are listed under it, so the hashed name would tell nothing.
+    """
+    return _ANONYMOUS.sub(lambda m: f"{m.group(1)} {{…}}", str(type_))
 
 
 def _plain(value: Any) -> Any:
@@ -242,10 +256,11 @@ def _text_lines(s: Struct, indent: int, lines: list[str]) -> None:
     if indent == 0:
         lines.append(s.header())
     width = min(24, max((len(f.name) for f in s.fields), default=0))
-    twidth = min(28, max((len(str(f.type)) for f in s.fields), default=0))
+    twidth = min(28, max((len(type_text(f.type)) for f in s.fields), default=0))
     for f in s.fields:
         shown = f"<error: {f.error}>" if f.error else _inline(f.value)
-        lines.append(f"{pad}  +{f.offset:#05x} {f.name:<{width}} {f.type!s:<{twidth}} {shown}")
+        kind = type_text(f.type)
+        lines.append(f"{pad}  +{f.offset:#05x} {f.name:<{width}} {kind:<{twidth}} {shown}")
         if isinstance(f.value, Struct) and f.value.expanded and f.value.fields:
             _text_lines(f.value, indent + 1, lines)
     for note in s.notes:
@@ -264,7 +279,7 @@ def _struct_html(s: Struct, top: bool = False) -> str:
             shown = f"<code>{esc(_inline(f.value))}</code>"
         rows.append(
             f"<tr><td style='text-align:right'><code>+{f.offset:#x}</code></td>"
-            f"<td><code>{esc(f.name)}</code></td><td><code>{esc(str(f.type))}</code></td>"
+            f"<td><code>{esc(f.name)}</code></td><td><code>{esc(type_text(f.type))}</code></td>"
             f"<td style='text-align:left'>{shown}</td></tr>"
         )
     notes = "".join(f"<div><i>{esc(n)}</i></div>" for n in s.notes)
