@@ -122,3 +122,22 @@ def test_a_byte_watch_logs_whole_values_at_the_watched_width(guest) -> None:
     assert w8.view == "u64"
     with pytest.raises(VmiError, match="whole u64"):
         Watcher(p, BASE, 12, view="u64")
+
+
+def test_the_field_watch_widget_carries_a_snapshot_of_its_values_and_changes(guest) -> None:
+    """Without a widget front end, or in a saved notebook, the last values still show."""
+    from vmishell.monitor.view import FieldWatchView
+
+    k, task, _, s = guest
+    _cred(k, task).set("uid", 1000)
+    task.obj.set("comm", b"<b>x</b>")
+    w = s.watch("task_struct.cred->uid", "task_struct.comm", pid=100, every=0)
+    view = FieldWatchView(w)
+    w.poll()
+    _cred(k, task).set("uid", 0)
+    w.poll()
+    bundle = view._repr_mimebundle_()
+    assert "Snapshot of this widget" in bundle["text/plain"]
+    assert "task_struct.cred-&gt;uid" in bundle["text/html"]
+    assert "<b>x</b>" not in bundle["text/html"], "guest text is escaped"
+    assert "1000" in bundle["text/plain"] and "task_struct.comm" in bundle["text/plain"]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import ipywidgets as w
 
 from vmishell.frontends.frames import frame_html, guest_frame
+from vmishell.frontends.snapshot import Snapshot
 from vmishell.frontends.text import safe_text
 
 if TYPE_CHECKING:
@@ -23,8 +24,12 @@ def _status(text: str, *, error: bool = False) -> str:
     return f'<span style="color:{color}">{html.escape(safe_text(text))}</span>'
 
 
-class FieldWatchView(w.VBox):
-    """Current value of each target, the last changes, and a Stop button."""
+class FieldWatchView(Snapshot, w.VBox):
+    """Current value of each target, the last changes, and a Stop button.
+
+    A `Snapshot`: without a widget front end (or in a saved notebook) its output
+    still shows the values and changes as last drawn.
+    """
 
     def __init__(self, watch: FieldWatch, *, history_rows: int = 10) -> None:
         self.watch = watch
@@ -48,11 +53,13 @@ class FieldWatchView(w.VBox):
         self.status.value = _status(watch.status(), error=sample.error is not None)
         if sample.changes:
             self.changes.value = frame_html(watch.history.tail(self.history_rows))
+        self.snapshot_changed()
 
     def _on_stop(self, watch: FieldWatch) -> None:
         self.stop_button.disabled = True
         self.stop_button.description = "Stopped"
         self.status.value = _status(watch.status())
+        self.refresh_snapshot()  # the saved notebook keeps the final values and changes
 
 
 __all__ = ["FieldWatchView"]
