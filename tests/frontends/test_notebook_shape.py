@@ -14,8 +14,7 @@ import pytest
 from notebook_shape import differences, shape
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-#: page-tables.ipynb (three guests at once) is not refreshed yet; hunting.ipynb is another's.
-WITH_OUTPUTS = ["tour", "monitoring"]
+WITH_OUTPUTS = ["tour", "monitoring", "page-tables", "hunting"]
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 

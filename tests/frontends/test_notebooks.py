@@ -30,7 +30,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 #: Notebooks committed with outputs, checked against every run. page-tables.ipynb boots
 #: three guests at once and has not been refreshed yet (VMISHELL_NB_WRITE=1, see above).
-WITH_OUTPUTS = {"tour", "monitoring"}
+WITH_OUTPUTS = {"tour", "monitoring", "page-tables", "hunting"}
 
 
 def _running(prefix: str) -> list[str]:
@@ -136,3 +136,13 @@ def test_monitoring(run_notebook) -> None:
     nb = run_notebook("monitoring")
     assert int(text(outputs(nb, "history-count"))) >= 2
     assert WIDGET in all_mimes(nb)
+
+
+def test_hunting(run_notebook) -> None:
+    """Search, YARA, watch, snapshot and diff, on a guest the notebook boots and stops."""
+    nb = run_notebook("hunting")
+    assert "vmi-marker" in text(outputs(nb, "search")) and "0x600000" in text(outputs(nb, "search"))
+    assert "Marker:$m" in text(outputs(nb, "yara"))
+    assert "'task_struct.comm': 'vmi-hunt'" in text(outputs(nb, "watch"))
+    diff = text(outputs(nb, "diff"))
+    assert "writable and executable" in diff and "appeared" in diff and "uid" in diff
