@@ -70,10 +70,18 @@ def test_foreground_watch_stops_after_count_and_keeps_a_history() -> None:
 
 def test_background_watch_does_not_block_and_stop_joins_it() -> None:
     proc = TickingProcess()
+    gate = threading.Event()
+    plain_read = proc.read
+
+    def held_read(vaddr: int, size: int) -> bytes:  # the first sample waits for the test
+        gate.wait(10)
+        return plain_read(vaddr, size)
+
+    proc.read = held_read
     w = Watcher(proc, ADDR, 8, every=0.05)
-    started = time.monotonic()
-    w.start()
-    assert time.monotonic() - started < 0.5
+    w.start()  # returns while its first sample is still blocked in the guest read
+    assert w.running and len(w.history) == 0
+    gate.set()
     deadline = time.monotonic() + 5
     while len(w.history) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -3,7 +3,6 @@ stay bounded, and both forms charge the same work."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -189,9 +188,9 @@ def test_absent_upper_entries_are_skipped_in_one_step() -> None:
     b.map(0, 0x10_0000)
     b.map(0xFFFF_FFFF_FFFF_F000, 0x20_0000)
     tr = translator(b)
-    t0 = time.perf_counter()
-    assert len(list(tr.mappings())) == 2
-    assert time.perf_counter() - t0 < 0.5
+    # Two paths of four tables and 257 leaf pages: a scan that skipped nothing
+    # would need work beyond counting (and would hang, not pass).
+    assert len(list(tr.mappings(max_work=300))) == 2
 
 
 # -- hostile tables -----------------------------------------------------------------------------
@@ -210,13 +209,11 @@ def test_every_entry_pointing_at_one_table_is_bounded(mode: PagingMode) -> None:
     top = b.dtb & ~0xFFF
     fill_table(b, top, top | P | RW | US)
     tr = translator(b)
-    t0 = time.perf_counter()
     with pytest.raises(GuestDataError, match="max_work"):
         for _ in tr.mappings(max_work=20_000):
             pass
     with pytest.raises(GuestDataError, match="max_work"):
         tr.run_arrays(max_work=20_000)
-    assert time.perf_counter() - t0 < 5
     # The translator-wide default can be lowered too.
     tr2 = translator(b, max_mapping_work=5_000)
     with pytest.raises(GuestDataError):

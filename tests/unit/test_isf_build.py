@@ -91,9 +91,9 @@ def host_table(host, tmp_path_factory):
     return volatility_table(path, linux=True)
 
 
-def test_the_host_isf_builds_in_a_few_seconds_reporting_progress(host) -> None:
-    _, _, isf, elapsed, stages = host
-    assert elapsed < 5.0
+def test_the_host_isf_build_reports_its_progress_in_order(host) -> None:
+    """(Its speed is measured in benchmarks/bench_profiles.py, not here.)"""
+    _, _, isf, _elapsed, stages = host
     assert stages[0] == ("parsing BTF", 0.0) and stages[-1] == ("done", 1.0)
     assert [f for _, f in stages] == sorted(f for _, f in stages)
     assert len(isf["user_types"]) > 5000

@@ -236,16 +236,24 @@ def _answers(profile: Profile) -> tuple:
     )
 
 
-def test_a_cached_load_is_fast_and_answers_the_same(host_isf_file, cache_dir) -> None:
-    start = time.perf_counter()
+def test_a_cached_load_parses_nothing_and_answers_the_same(
+    host_isf_file, cache_dir, monkeypatch
+) -> None:
+    """The second load comes from the compiled cache: the ISF is neither read nor parsed.
+
+    (How fast that is lives in benchmarks/, not here.)
+    """
+    from vmishell.symbols import profile as profile_module
+
     cold = load_profile(host_isf_file, cache_dir=cache_dir)
-    cold_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+
+    def no_parse(*_args, **_kwargs):
+        raise AssertionError("a cached profile was parsed again")
+
+    monkeypatch.setattr(profile_module, "parse_isf", no_parse)
+    monkeypatch.setattr(profile_module, "compile_isf", no_parse)
     warm = load_profile(host_isf_file, cache_dir=cache_dir)
-    warm_seconds = time.perf_counter() - start
     assert _answers(warm) == _answers(cold)
-    assert warm_seconds < cold_seconds / 5
-    assert warm_seconds < 0.25  # ~5 ms here; generous for slow CI machines
     entries = sorted(p.name for p in cache_dir.iterdir())
     assert len(entries) == 2 and entries[0].endswith(".vmiprof") and entries[1].startswith("stat-")
 
