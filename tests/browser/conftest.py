@@ -17,9 +17,14 @@ import pytest
 from labserver import ARTIFACTS, Console, unavailable
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's Chromium under Playwright (headless)."""
+    """Debian's Chromium under Playwright (headless).
+
+    Module-scoped: Playwright's synchronous API keeps an asyncio loop running
+    in the main thread until it stops, and later tests (any `asyncio.run`)
+    must not find it there.
+    """
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

@@ -230,3 +230,18 @@ def test_no_dom0_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_commands_are_quoted_word_by_word() -> None:
     assert shell_command(["sh", "-c", "echo a; exit 3"]) == "sh -c 'echo a; exit 3'"
+
+
+def test_dom0_finds_the_checkout_python_and_home_wherever_they_are(monkeypatch, tmp_path) -> None:
+    """A checkout, HOME or cache under /tmp (dom0's own tmpfs) is reached through /host."""
+    import vmishell
+    from vmishell.lab.xen import host
+
+    monkeypatch.setattr(vmishell, "__file__", "/tmp/ci/vmishell/__init__.py")
+    monkeypatch.setenv("HOME", "/tmp/cihome")
+    monkeypatch.setenv("VMISHELL_PROFILE_PATH", "/tmp/p1:/srv/p2")
+    values = host.host_settings()
+    assert values["VMI_PYTHONPATH"] == "/host/tmp/ci"
+    assert values["VMI_HOME"] == "/host/tmp/cihome"
+    assert values["VMI_ENV_VMISHELL_PROFILE_PATH"] == "/host/tmp/p1:/srv/p2"
+    assert values["VMI_PYTHON"].startswith("/")

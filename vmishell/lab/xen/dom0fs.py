@@ -40,6 +40,20 @@ OWN_DIRS = (
     "bin", "dev", "etc", "host", "lib", "lib64", "proc", "run", "sbin", "sys", "tmp",
     "usr", "var", "vmi",
 )  # fmt: skip
+
+
+def dom0_path(path: str | Path) -> str:
+    """Where dom0 sees a host path: the same path, or under /host for dom0's own dirs.
+
+    dom0 binds the host's top-level directories at their own paths, except
+    those it has itself (`OWN_DIRS`: /tmp, /usr, /run, ...): a checkout, a
+    HOME or a Python there is seen through /host.
+    """
+    text = str(Path(path).absolute())
+    top = text.split("/")[1] if text.count("/") else ""
+    return f"/host{text}" if top in OWN_DIRS else text
+
+
 _MERGED = {"lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/sbin"}
 #: Unversioned names of libraries that programs open with dlopen by that name
 #: (LibVMI's Xen driver asks for libxenstore.so), as the -dev packages would link them.

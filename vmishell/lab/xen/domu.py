@@ -30,7 +30,7 @@ from pathlib import Path
 from vmishell.errors import LabError
 from vmishell.lab.qemucmd import BASE_KERNEL_ARGS
 from vmishell.lab.truth import GroundTruth, is_ready, read_truth
-from vmishell.lab.xen.dom0fs import OWN_DIRS
+from vmishell.lab.xen.dom0fs import dom0_path
 from vmishell.lab.xen.host import DOM0_SHARE, XenHost, pcpus_for
 
 DOMU_TYPES = ("pv", "pvh", "hvm")
@@ -89,13 +89,6 @@ class DomuSpec:
     def log_name(self) -> str:
         """The console log's file name in `share/console/`."""
         return f"{self.name}-serial.log" if self.type == "hvm" else f"guest-{self.name}.log"
-
-
-def dom0_path(path: str | Path) -> str:
-    """Where dom0 sees a host path: the same path, or under /host for dom0's own dirs."""
-    text = str(Path(path).absolute())
-    top = text.split("/")[1] if text.count("/") else ""
-    return f"/host{text}" if top in OWN_DIRS else text
 
 
 def _xl_string(value: str) -> str:

@@ -214,15 +214,16 @@ def host_settings() -> dict[str, str]:
         if os.path.isdir(os.path.realpath(d)) and real not in libdirs:
             libdirs.append(real)
     values = {
-        "VMI_PYTHON": os.path.realpath(sys.executable),
-        "VMI_PYTHONPATH": str(Path(vmishell.__file__).resolve().parents[1]),
+        "VMI_PYTHON": dom0fs.dom0_path(os.path.realpath(sys.executable)),
+        "VMI_PYTHONPATH": dom0fs.dom0_path(Path(vmishell.__file__).resolve().parents[1]),
         "VMI_LOADER": "/host" + loader if os.path.exists(loader) else "",
         "VMI_LIBRARY_PATH": ":".join(libdirs),
-        "VMI_HOME": str(Path.home()),
+        "VMI_HOME": dom0fs.dom0_path(Path.home()),
     }
     for key in ("VMISHELL_CACHE", "VMISHELL_PROFILE_PATH", "XDG_CACHE_HOME"):
         if os.environ.get(key):
-            values[f"VMI_ENV_{key}"] = os.environ[key]
+            paths = os.environ[key].split(os.pathsep)
+            values[f"VMI_ENV_{key}"] = os.pathsep.join(dom0fs.dom0_path(p) for p in paths if p)
     return values
 
 
