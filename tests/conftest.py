@@ -50,9 +50,20 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+#: Test files that run longest (Xen's HVM DomU boots for minutes under emulation):
+#: started first, so that the other worker runs everything else meanwhile.
+LONGEST_FIRST = ("test_xen_lab.py", "test_generations_lab.py")
+
+
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Remember which guests the selected tests use, to boot them together."""
+    """Longest files first; remember which guests the selected tests use, to boot them together."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept
     needed: set[str] = set()
     for item in items:
         for fixture, guest in GUEST_FIXTURES.items():
@@ -127,13 +138,27 @@ class LabPool:
                     down(future.result().name)
 
 
+def _owner_alive(name: str) -> bool:
+    """Whether the test process named in an instance `t-PID-...` still runs (another worker)."""
+    pid = name.split("-")[1] if name.count("-") >= 1 else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _clean_stale_test_instances() -> None:
     """Remove instances of earlier test sessions whose QEMU died (e.g. a killed run)."""
     try:
         from vmishell.lab.runner import down, list_guests
 
         for st in list_guests():
-            if st.name.startswith("t-") and st.state == "stale":
+            if st.name.startswith("t-") and st.state == "stale" and not _owner_alive(st.name):
                 down(st.name)
     except VmiError:
         pass
@@ -142,7 +167,10 @@ def _clean_stale_test_instances() -> None:
 @pytest.fixture(scope="session")
 def lab_pool(request: pytest.FixtureRequest) -> Iterator[LabPool]:
     _clean_stale_test_instances()
-    pool = LabPool(f"t-{os.getpid()}", request.config.stash.get(_NEEDED, set()))
+    # Under pytest-xdist each worker collects every test but runs only some:
+    # it boots what its own tests ask for, when they ask.
+    needed = set() if os.environ.get("PYTEST_XDIST_WORKER") else request.config.stash.get(_NEEDED)
+    pool = LabPool(f"t-{os.getpid()}", needed or set())
     yield pool
     pool.close()
 
