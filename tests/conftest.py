@@ -50,20 +50,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-#: Test files that run longest (Xen's HVM DomU boots for minutes under emulation):
-#: started first, so that the other worker runs everything else meanwhile.
-LONGEST_FIRST = ("test_xen_lab.py", "test_generations_lab.py")
-
-
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest files first; remember which guests the selected tests use, to boot them together."""
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order within each file is kept
+    """Remember which guests the selected tests use, to boot them together."""
     needed: set[str] = set()
     for item in items:
         for fixture, guest in GUEST_FIXTURES.items():
@@ -167,10 +156,7 @@ def _clean_stale_test_instances() -> None:
 @pytest.fixture(scope="session")
 def lab_pool(request: pytest.FixtureRequest) -> Iterator[LabPool]:
     _clean_stale_test_instances()
-    # Under pytest-xdist each worker collects every test but runs only some:
-    # it boots what its own tests ask for, when they ask.
-    needed = set() if os.environ.get("PYTEST_XDIST_WORKER") else request.config.stash.get(_NEEDED)
-    pool = LabPool(f"t-{os.getpid()}", needed or set())
+    pool = LabPool(f"t-{os.getpid()}", request.config.stash.get(_NEEDED, set()))
     yield pool
     pool.close()
 

@@ -40,7 +40,7 @@ def test_a_lab_test_fails_under_ci_when_a_vmishell_module_is_missing(
 ) -> None:
     child = (
         "import sys; sys.modules[sys.argv[1]] = None; import pytest; "
-        "sys.exit(pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider', sys.argv[2]]))"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[2]]))"
     )
     env = {**os.environ, "CI": "true", "PYTHONPATH": str(REPO)}
     for key in [k for k in env if k.startswith("PYTEST_XDIST")]:

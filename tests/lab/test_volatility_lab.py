@@ -66,3 +66,18 @@ def test_errors_name_the_plugin(x86_64_guest) -> None:
             run_plugin(s, "linux.nothing")
         with pytest.raises(VolatilityError, match=r"linux\.pslist: unknown option '--bogus'"):
             run_plugin(s, "linux.pslist", ["--bogus", "1"])
+
+
+def test_the_callers_url_opener_is_back_after_a_plugin(x86_64_guest) -> None:
+    """Volatility installs an offline URL opener for the whole process; a notebook's
+    own HTTP (urllib) must still work after %vol."""
+    import urllib.request
+
+    mine = urllib.request.build_opener()
+    urllib.request.install_opener(mine)
+    try:
+        with Session.lab(x86_64_guest.name) as s:
+            run_plugin(s, "linux.pslist", ["--pid", "1"])
+        assert urllib.request._opener is mine
+    finally:
+        urllib.request.install_opener(None)

@@ -347,8 +347,19 @@ def run_plugin(session: Session, plugin: str, args: Sequence[str] = ()) -> pd.Da
     symbol table; Volatility's automagic finds the kernel (banner, KASLR,
     page tables) on its own. `args` are the plugin's options as on
     Volatility's command line. Any failure is a VolatilityError naming the
-    plugin.
+    plugin. Volatility installs its own (offline) process-wide URL opener;
+    the caller's is put back afterwards, so a notebook's HTTP keeps working.
     """
+    import urllib.request
+
+    caller_opener = urllib.request._opener  # type: ignore[attr-defined]
+    try:
+        return _run_plugin(session, plugin, args)
+    finally:
+        urllib.request.install_opener(caller_opener)  # None restores the default
+
+
+def _run_plugin(session: Session, plugin: str, args: Sequence[str]) -> pd.DataFrame:
     root = _setup()
     from volatility3 import framework
     from volatility3.framework import automagic, contexts, interfaces, plugins

@@ -36,7 +36,7 @@ from vmishell.lab.xen.host import DOM0_SHARE, XenHost, pcpus_for
 DOMU_TYPES = ("pv", "pvh", "hvm")
 DEFAULT_MEMORY_MB = 256
 #: Seconds a DomU may take to print `@@vmi ready` (HVM firmware alone takes ~2 min under TCG).
-READY_TIMEOUT = {"pv": 180.0, "pvh": 180.0, "hvm": 420.0}
+READY_TIMEOUT = {"pv": 180.0, "pvh": 180.0, "hvm": 600.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 
 #: The lab's DomUs: name -> (lab guest whose kernel and initramfs it boots, type).
