@@ -66,7 +66,7 @@ def inspect(ip: Any, name: str, *, watch: int = 4) -> dict[str, Any]:
         "registers": {"arch": source.registers().arch, "cr3": source.registers().cr3},
         "seconds": seconds,
     }
-    ps = _magic(ip, "ps", "--threads")
+    ps = _magic(ip, "ps", "--threads --all-columns")  # every column, empty or not
     t = _timed(seconds, "ps", t)
     out["processes"] = [
         {
