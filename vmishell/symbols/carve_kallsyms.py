@@ -13,7 +13,6 @@ the result must look like a kernel's table: sorted, of a plausible size, with
 from __future__ import annotations
 
 import struct
-from itertools import pairwise
 
 import numpy as np
 
@@ -78,41 +77,10 @@ class _MemoryFinder(_Finder):
 
     That search tests every aligned word up to 32 MiB below the token table,
     which in Python costs about a second per candidate; numpy keeps only the
-    words that can be a count whose tables fit (a handful), and the decoders'
-    own checks run on those. When that finds nothing, the reader's own search
-    runs, so layouts it learns (newer kernels) are carved too.
+    words that can be a count whose tables fit (a handful), and the reader's
+    own checks (`_Finder._names_and_markers`) run on those, so layouts it
+    learns are carved too.
     """
-
-    def _names_and_markers(
-        self, table: int, tokens: list[bytes]
-    ) -> tuple[int, int, int, int, list[int], int | None]:
-        widths = sorted({self.ptr, 4}, reverse=True)
-        for width in widths:  # up to 6.1: the markers end right before the token table
-            for markers_at, markers in self._markers_back_from(
-                table, width, max(0, table - (1 << 22))
-            ):
-                hit = self._num_syms_before(markers_at, markers, tokens)
-                if hit:
-                    return hit[0], hit[1], hit[2], markers_at, markers, None
-        for p in self._count_positions(table):
-            n = self.u32(p)
-            m = (n + 255) // 256
-            seqs = table - self.align(3 * n)
-            for width in widths:
-                for markers_at in {seqs - self.align(width * m), seqs - width * m}:
-                    if markers_at <= p or self.uint(markers_at, width) != 0:
-                        continue
-                    markers = [self.uint(markers_at + width * k, width) for k in range(m)]
-                    if any(b <= a for a, b in pairwise(markers)):
-                        continue
-                    for names in self._names_after(p):
-                        if names + markers[-1] >= markers_at:
-                            continue
-                        if self._names_fit(names, n, tokens, markers, markers_at):
-                            return names, p, n, markers_at, markers, seqs
-        # Layouts the package reader learns later (it is the reference): its own search.
-        # Only a candidate whose token table and index agree gets here.
-        return super()._names_and_markers(table, tokens)
 
     def _count_positions(self, table: int) -> list[int]:
         """Word positions below `table`, nearest first, holding a count n >= 256 whose

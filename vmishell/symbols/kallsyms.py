@@ -208,11 +208,8 @@ class _Finder:
                 if hit:
                     return hit[0], hit[1], hit[2], markers_at, markers, None
         # 6.2+: kallsyms_seqs_of_names (3 bytes per symbol) sits between markers and tokens.
-        lo = max(0, table - (1 << 25))
-        for p in range(table - 4 - (table % 4), lo, -4):
+        for p in self._count_positions(table):
             n = self.u32(p)
-            if n < 256 or 8 * n > table - p:
-                continue
             m = (n + 255) // 256
             seqs = table - self.align(3 * n)
             for width in widths:
@@ -228,6 +225,15 @@ class _Finder:
                         if self._names_fit(names, n, tokens, markers, markers_at):
                             return names, p, n, markers_at, markers, seqs
         raise _NotHere("no kallsyms_markers/kallsyms_names/kallsyms_num_syms before the tokens")
+
+    def _count_positions(self, table: int) -> Iterable[int]:
+        """Word positions below `table`, nearest first, that may hold `kallsyms_num_syms`:
+        a count n >= 256 whose names (at least 8 bytes each) fit before the table."""
+        lo = max(0, table - (1 << 25))
+        for p in range(table - 4 - (table % 4), lo, -4):
+            n = self.u32(p)
+            if n >= 256 and 8 * n <= table - p:
+                yield p
 
     def _num_syms_before(
         self, markers_at: int, markers: list[int], tokens: list[bytes]
