@@ -9,11 +9,14 @@ itself. `run_plugin(session, "linux.pslist")` runs a plugin that way and
 returns its TreeGrid as a pandas DataFrame.
 
 Volatility finds a Linux ISF by the banner it sees in memory, through an
-identifier cache built from its symbol directories. vmishell gives it one
-directory, `<vmishell cache>/volatility3/symbols/linux/`, holding a link to
-the session's own profile file, and keeps Volatility's cache (which it
-otherwise creates under ~/.cache/volatility3 on import) in
-`<vmishell cache>/volatility3`. Both are set process-wide on first use.
+identifier cache built from its symbol directories. Two ISFs with the same
+banner (a shipped profile and one carved from the same kernel), or a link
+whose file is gone, would make that lookup pick either, so each profile file
+gets a directory of its own, `<vmishell cache>/volatility3/by-profile/KEY/`,
+holding only a link to it under `symbols/linux/` and its own identifier
+cache; a run points Volatility at that directory alone. Volatility's other
+caches (which it otherwise creates under ~/.cache/volatility3 on import) stay
+under `<vmishell cache>/volatility3`.
 
 Volatility's layers cache translations, so a run on a live guest sees the
 guest as it was while the plugin ran; wrap the call in `session.paused()`
@@ -23,12 +26,13 @@ for a consistent view.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
 _SOURCES: weakref.WeakValueDictionary[int, PhysicalSource] = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
 _SETUP_LOCK = threading.Lock()
+#: Volatility's symbol path and cache location are process-wide: one run at a time.
+_SYMBOLS_LOCK = threading.Lock()
 _SET_UP: Path | None = None
 #: The DataLayerInterface subclass, made on first use (Volatility3 is imported lazily).
 VmishellLayer: Any
@@ -66,7 +72,7 @@ def _setup() -> Path:
         if _SET_UP is not None:
             return _SET_UP
         root = cache_dir()
-        (root / "symbols" / "linux").mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         if "volatility3" not in sys.modules:
             # Its constants module creates $XDG_CACHE_HOME/volatility3 when imported.
             saved = os.environ.get("XDG_CACHE_HOME")
@@ -86,9 +92,9 @@ def _setup() -> Path:
         constants.CACHE_PATH = str(root)
         constants.OFFLINE = True  # never fetch symbols from the network
         package = os.path.dirname(volatility3.__file__)
+        # Each run adds its profile's own directory in front (see `_symbols_of`).
         volatility3.symbols.__path__[:] = [
-            str(root / "symbols"),
-            *(p for p in volatility3.symbols.__path__ if p.startswith(package)),
+            p for p in volatility3.symbols.__path__ if p.startswith(package)
         ]
         framework.require_interface_version(2, 0, 0)
         import volatility3.framework.automagic
@@ -227,22 +233,49 @@ def _profile_path(session: Session) -> Path:
     )
 
 
-def _link_profile(root: Path, isf: Path) -> None:
-    """Link the ISF into vmishell's Volatility symbol dir and refresh the banner cache."""
-    from volatility3.framework import constants
-    from volatility3.framework.automagic import symbol_cache
+def profile_symbols_dir(root: Path, isf: Path) -> Path:
+    """The directory that shows Volatility the ISF `isf` and nothing else.
 
-    linux = root / "symbols" / "linux"
-    link = linux / isf.name
+    Keyed by the file's resolved path, size and mtime, so a rebuilt file gets
+    a fresh identifier cache rather than the stale banner of its former self.
+    """
     target = isf.resolve()
+    stat = target.stat()
+    key = hashlib.sha256(f"{target}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    directory = root / "by-profile" / key[:20]
+    linux = directory / "symbols" / "linux"
+    link = linux / isf.name
     if not (link.is_symlink() and link.resolve() == target):
+        linux.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
         link.symlink_to(target)
-    cache = symbol_cache.SqliteCache(
-        os.path.join(constants.CACHE_PATH, constants.IDENTIFIERS_FILENAME)
-    )
-    cache.update()
+    return directory
+
+
+@contextlib.contextmanager
+def _symbols_of(directory: Path) -> Iterator[None]:
+    """Point Volatility's symbol search and identifier cache at `directory` for one run."""
+    import volatility3.symbols
+    from volatility3.framework import constants
+    from volatility3.framework.automagic import symbol_cache
+
+    saved_path = list(volatility3.symbols.__path__)
+    saved_cache = constants.CACHE_PATH
+    package = os.path.dirname(os.path.dirname(volatility3.symbols.__file__))
+    volatility3.symbols.__path__[:] = [
+        str(directory / "symbols"),
+        *(p for p in saved_path if p.startswith(package)),
+    ]
+    constants.CACHE_PATH = str(directory)
+    try:
+        symbol_cache.SqliteCache(
+            os.path.join(constants.CACHE_PATH, constants.IDENTIFIERS_FILENAME)
+        ).update()
+        yield
+    finally:
+        volatility3.symbols.__path__[:] = saved_path
+        constants.CACHE_PATH = saved_cache
 
 
 def find_plugin(name: str) -> Any:
@@ -361,15 +394,25 @@ def run_plugin(session: Session, plugin: str, args: Sequence[str] = ()) -> pd.Da
 
 def _run_plugin(session: Session, plugin: str, args: Sequence[str]) -> pd.DataFrame:
     root = _setup()
+    cls = find_plugin(plugin)
+    options = _parse_args(plugin, cls, args)
+    try:
+        symbols = profile_symbols_dir(root, _profile_path(session))
+    except OSError as exc:
+        raise VolatilityError(f"{plugin}: cannot give Volatility3 the profile: {exc}") from exc
+    with _SYMBOLS_LOCK, _symbols_of(symbols):
+        return _construct_and_run(session, plugin, cls, options)
+
+
+def _construct_and_run(
+    session: Session, plugin: str, cls: Any, options: dict[str, Any]
+) -> pd.DataFrame:
     from volatility3 import framework
     from volatility3.framework import automagic, contexts, interfaces, plugins
     from volatility3.framework.automagic import stacker
     from volatility3.framework.configuration import requirements as reqs
 
-    cls = find_plugin(plugin)
-    options = _parse_args(plugin, cls, args)
     try:
-        _link_profile(root, _profile_path(session))
         ctx = contexts.Context()
         base = add_source_layer(ctx, session.source)
         stackers = [
