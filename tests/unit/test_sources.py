@@ -85,6 +85,37 @@ def test_a_raw_image_maps_file_offsets_to_physical_addresses(tmp_path: Path) -> 
             src.read(0x4000, 1)
 
 
+def test_a_mapped_file_finds_what_a_copy_finds_across_chunks_holes_and_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map is searched in place, chunk by chunk: same answers as a plain search."""
+    import vmishell.sources.files as files
+
+    monkeypatch.setattr(files, "FIND_CHUNK", 0x1000)  # many chunk edges in a small file
+    data = bytearray(0x6000)
+    for pos in (0, 0xFFE, 0x1FFD, 0x2800, 0x5FFA):  # two straddle a chunk edge
+        data[pos : pos + 6] = b"NEEDLE"
+    path = tmp_path / "two-ranges.raw"
+    path.write_bytes(data)
+    # RAM in two ranges with a hole: file [0, 0x3000) at 0, file [0x3000, 0x6000) at 1 MiB.
+    layout = [(0, 0, 0x3000), (0x100000, 0x3000, 0x3000)]
+    with files.MappedFileSource(path, layout) as mapped:
+        copied = BufferSource([(0, bytes(data[:0x3000])), (0x100000, bytes(data[0x3000:]))])
+        assert list(mapped.find(b"NEEDLE")) == list(copied.find(b"NEEDLE"))
+        assert list(mapped.find(b"NEEDLE")) == [0, 0xFFE, 0x1FFD, 0x2800, 0x100000 + 0x2FFA]
+        assert list(mapped.find(b"NEEDLE", 0xFFF, 0x100000 + 0x2FFF)) == [0x1FFD, 0x2800]
+        assert mapped.read(0x1FFD, 6) == b"NEEDLE"  # pages dropped after the scan read back
+
+
+def test_a_closed_mapped_file_refuses_to_search(tmp_path: Path) -> None:
+    path = tmp_path / "mem.raw"
+    path.write_bytes(b"MARK" + bytes(0xFFC))
+    src = open_image(path)
+    src.close()
+    with pytest.raises(SourceError):
+        list(src.find(b"MARK"))
+
+
 def test_a_missing_or_empty_image_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such image"):
         open_image(tmp_path / "nope")

@@ -14,7 +14,7 @@ import bisect
 import mmap
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from vmishell.errors import PhysicalReadError, QmpError, SourceError
@@ -42,6 +42,20 @@ def _open_file(path: Path, writable: bool) -> int:
         raise SourceError(f"no permission to open {path} (try as root)") from None
     except OSError as exc:
         raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+
+
+#: Bytes of a mapped file searched at a time by `MappedFileSource.find`.
+FIND_CHUNK = 16 << 20
+
+
+def _drop_pages(mapped: mmap.mmap, begin: int, end: int) -> None:
+    """Unmap [begin, end) of a file map from this process; the page cache keeps the
+    pages (maps here are always shared, so nothing written is lost)."""
+    begin -= begin % mmap.PAGESIZE
+    if mapped.closed or end <= begin or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    with suppress(OSError, ValueError):
+        mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 def _map_fd(path: Path, fd: int, writable: bool) -> tuple[mmap.mmap, int]:
@@ -148,6 +162,33 @@ class MappedFileSource(BufferSource):
             self._check_alive()  # the file shrank: the source ends here
             raise PhysicalReadError(paddr, size, f"short read of {self.path}")
         return data
+
+    def find(self, needle: bytes, start: int = 0, end: int | None = None) -> Iterator[int]:
+        """Physical addresses of `needle` in RAM, in order, searched in the map itself.
+
+        No chunk is copied out (the map's own `find` runs over the file's
+        pages), and each chunk's pages are dropped from this process once
+        searched (they stay in the page cache), so scanning a whole dump costs
+        neither a copy of it nor a resident set of its size.
+        """
+        if self._closed or self._ended is not None:
+            self.check()
+        if not needle:
+            return
+        chunk = FIND_CHUNK
+        for phys, offset, length in self._extents:
+            lo = max(start, phys)
+            hi = phys + length if end is None else min(end, phys + length)
+            pos = lo
+            while pos < hi:
+                stop = min(pos + chunk + len(needle) - 1, hi)
+                base = offset - phys
+                i = self._mmap.find(needle, pos + base, stop + base)
+                while i != -1 and i - base < pos + chunk:
+                    yield i - base
+                    i = self._mmap.find(needle, i + 1, stop + base)
+                _drop_pages(self._mmap, pos + base, min(pos + chunk, hi) + base)
+                pos += chunk
 
     def _check_alive(self) -> None:
         try:
