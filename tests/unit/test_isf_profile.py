@@ -152,6 +152,29 @@ def test_profile_from_an_isf_dict_needs_no_file() -> None:
     assert repr(profile) == "<Profile fresh (64-bit little, ISF 6.2.0)>"
 
 
+def test_a_profile_compiling_types_on_demand_answers_as_the_eager_one() -> None:
+    isf = build_sample()
+    eager = Profile.from_isf(isf, "eager")
+    lazy = Profile.from_isf(isf, "lazy", lazy_types=True)
+    assert lazy.type_names() == eager.type_names()
+    for name in eager.type_names():
+        if eager.has_type(name) and name in isf["user_types"]:
+            assert lazy.has_type(name)
+            assert lazy.fields(name) == eager.fields(name)
+            assert lazy.size_of(name) == eager.size_of(name)
+    assert lazy.symbol_names() == eager.symbol_names()
+
+
+def test_a_malformed_type_of_a_lazy_profile_fails_when_asked_for() -> None:
+    isf = build_sample()
+    isf["user_types"]["thing"]["fields"] = {"v": {"offset": 28}}  # a field without a type
+    profile = Profile.from_isf(isf, "lazy", lazy_types=True)  # nothing compiled yet
+    with pytest.raises(ProfileError, match="thing"):
+        profile.fields("thing")
+    with pytest.raises(ProfileError, match="thing"):
+        Profile.from_isf(isf, "eager")
+
+
 def _mutate(value, data):
     """Replace one randomly chosen node of a JSON document with junk."""
     if isinstance(value, dict) and value and data.draw(st.booleans()):
@@ -169,8 +192,9 @@ def test_a_damaged_isf_raises_only_profile_errors(data) -> None:
     isf = json.loads(json.dumps(build_sample(banner=b"Linux version 1\n")))
     for _ in range(data.draw(st.integers(1, 3))):
         isf = _mutate(isf, data)
+    lazy = data.draw(st.booleans())  # types compiled up front, or each when first asked for
     try:
-        profile = Profile.from_isf(isf, "damaged")
+        profile = Profile.from_isf(isf, "damaged", lazy_types=lazy)
         for struct_name in profile.type_names():
             if profile.has_type(struct_name):
                 with contextlib.suppress(SymbolNotFound):

@@ -44,7 +44,7 @@ def carve_profile(
     carved = carve_kernel(source, limits, progress)
     isf = carved_isf(carved, source.description, progress)
     name = carved.filename().removesuffix(CARVED_SUFFIX)
-    profile = Profile.from_isf(isf, name=name)
+    profile = Profile.from_isf(isf, name=name, lazy_types=True)
     if cache:
         path = carved_dir() / carved.filename()
         profile.path = path

@@ -269,30 +269,78 @@ def _flatten(
         out[name] = (offset, _desc(ftype, intern, f"{where}.{name}"))
 
 
-def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
-    """The compact sections a Profile reads: small ones eager, types and enums per item."""
+def _compile_type(user_types: Mapping[str, Any], tname: str, intern: _Interner, name: str) -> bytes:
+    """One user type as a Profile reads it: kind, size and its flattened fields in order."""
+    body = user_types[tname]
+    where = f"{name}: type {tname}"
+    if not isinstance(body, dict) or not isinstance(body.get("fields"), dict):
+        raise ProfileError(f"{where} is malformed")
+    flat: dict[str, tuple[int, Desc]] = {}
+    try:
+        _flatten(user_types, body["fields"], 0, flat, intern, where)
+        size = int(body["size"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise ProfileError(f"{where} is malformed ({exc!r})") from exc
+    ordered = sorted(
+        ((fname, off, d) for fname, (off, d) in flat.items()),
+        key=lambda f: (f[1], f[2][1] if f[2][0] == "bitfield" else 0),
+    )
+    return marshal.dumps((str(body.get("kind", "struct")), size, tuple(ordered)))
+
+
+class LazyTypes:
+    """The types section of an ISF compiled one type at a time, when first asked for.
+
+    For a profile used straight after it was built in this process (a carved
+    one): the attach needs a few dozen of its ten thousand types, and the full
+    compile happens anyway when the ISF is cached on disk. Same lookups as the
+    `PackedTable` it stands in for; a malformed type fails when it is asked for.
+    """
+
+    __slots__ = ("_compiled", "_intern", "_name", "_user_types")
+
+    def __init__(self, user_types: Mapping[str, Any], name: str) -> None:
+        self._user_types = user_types
+        self._name = name
+        self._intern = _Interner()
+        self._compiled: dict[str, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._user_types)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._user_types
+
+    def get(self, key: str) -> bytes | None:
+        blob = self._compiled.get(key)
+        if blob is None and key in self._user_types:
+            blob = _compile_type(self._user_types, key, self._intern, self._name)
+            self._compiled[key] = blob
+        return blob
+
+    def keys(self) -> list[str]:
+        return sorted(self._user_types)
+
+
+def compile_isf(isf: Mapping[str, Any], name: str, *, lazy_types: bool = False) -> dict[str, Any]:
+    """The compact sections a Profile reads: small ones eager, types and enums per item.
+
+    With `lazy_types` the types section is a `LazyTypes` over the ISF itself
+    (in memory only: such sections cannot be written to the profile cache).
+    """
     intern = _Interner()
     dumps = marshal.dumps
     for table in ("user_types", "enums", "symbols"):
         _check_names(isf[table], f"{name}: {table}")
     with paused_gc():
         user_types = isf["user_types"]
-        types: dict[str, bytes] = {}
-        for tname, body in user_types.items():
-            where = f"{name}: type {tname}"
-            if not isinstance(body, dict) or not isinstance(body.get("fields"), dict):
-                raise ProfileError(f"{where} is malformed")
-            flat: dict[str, tuple[int, Desc]] = {}
-            try:
-                _flatten(user_types, body["fields"], 0, flat, intern, where)
-                size = int(body["size"])
-            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-                raise ProfileError(f"{where} is malformed ({exc!r})") from exc
-            ordered = sorted(
-                ((fname, off, d) for fname, (off, d) in flat.items()),
-                key=lambda f: (f[1], f[2][1] if f[2][0] == "bitfield" else 0),
+        types: bytes | LazyTypes
+        if lazy_types:
+            types = LazyTypes(user_types, name)
+        else:
+            types = PackedTable.pack(
+                {t: _compile_type(user_types, t, intern, name) for t in user_types}
             )
-            types[tname] = dumps((str(body.get("kind", "struct")), size, tuple(ordered)))
 
         enums: dict[str, bytes] = {}
         for ename, body in isf["enums"].items():
@@ -314,28 +362,33 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
             except (TypeError, ValueError, AttributeError, OverflowError) as exc:
                 raise ProfileError(f"{name}: base type {bname} is malformed ({exc!r})") from exc
 
-        symbols: dict[str, bytes] = {}
-        addresses: dict[str, int] = {}
+        table = isf["symbols"]
+        # Code-point order is UTF-8 byte order (lone surrogates were refused above), so
+        # names sorted as text are the packed table's keys in order.
+        names = sorted(table)
+        by_name = array("Q")
+        values: list[bytes] = []
         constant_data: dict[str, bytes] = {}
-        for sname, body in isf["symbols"].items():
+        for sname in names:
+            body = table[sname]
             try:
                 address = int(body["address"])
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise ProfileError(f"{name}: symbol {sname} has no valid address") from exc
             if not 0 <= address < 1 << 64:
                 raise ProfileError(f"{name}: symbol {sname} address {address:#x} is not 64-bit")
-            addresses[sname] = address
-            symbols[sname] = (
+            by_name.append(address)
+            values.append(
                 dumps(_desc(body["type"], intern, f"{name}: symbol {sname}"))
                 if "type" in body
                 else b""
             )
             if "constant_data" in body:
                 constant_data[sname] = _b64(body["constant_data"], f"{name}: symbol {sname}")
-        packed_symbols = sorted((k.encode(), v) for k, v in symbols.items())
-        by_name = array("Q", (addresses[k.decode()] for k, _ in packed_symbols))
         order = sorted(range(len(by_name)), key=by_name.__getitem__)  # stable: then by name
-        symbol_table = PackedTable.pack(packed_symbols)
+        symbol_table = PackedTable.pack(
+            [(n.encode(), v) for n, v in zip(names, values, strict=True)]
+        )
 
     pointer = base_types.get("pointer")
     endian = pointer[3] if pointer else next((b[3] for b in base_types.values()), "little")
@@ -351,12 +404,12 @@ def compile_isf(isf: Mapping[str, Any], name: str) -> dict[str, bytes]:
     sections = {
         "header": dumps(header),
         "base_types": dumps(base_types),
-        "types": PackedTable.pack(types),
+        "types": types,
         "enums": PackedTable.pack(enums),
         "symbols": symbol_table,
         "symbol_addresses": by_name.tobytes(),
         "symbol_order": array("I", order).tobytes(),
-        "symbol_sorted_addresses": array("Q", (by_name[i] for i in order)).tobytes(),
+        "symbol_sorted_addresses": array("Q", map(by_name.__getitem__, order)).tobytes(),
         "constant_data": dumps(constant_data),
     }
     return sections

@@ -24,6 +24,7 @@ from typing import Any
 from vmishell.errors import ProfileError, SymbolNotFound
 from vmishell.symbols.isf import (
     Desc,
+    LazyTypes,
     PackedTable,
     ProfileCache,
     check_isf,
@@ -112,10 +113,17 @@ class Profile:
         self._refs: dict[Desc, TypeRef] = {}
 
     @classmethod
-    def from_isf(cls, isf: Mapping[str, Any], name: str = "profile") -> Profile:
-        """A profile straight from an ISF dict (e.g. fresh from `build_isf`), no cache."""
+    def from_isf(
+        cls, isf: Mapping[str, Any], name: str = "profile", *, lazy_types: bool = False
+    ) -> Profile:
+        """A profile straight from an ISF dict (e.g. fresh from `build_isf`), no cache.
+
+        `lazy_types` compiles each type when first used (see `LazyTypes`): for an
+        ISF this process just built, when the first answer matters more than
+        checking every type up front.
+        """
         check_isf(isf, name)
-        return cls(compile_isf(isf, name), name=name)
+        return cls(compile_isf(isf, name, lazy_types=lazy_types), name=name)
 
     def __repr__(self) -> str:
         return (
@@ -194,7 +202,10 @@ class Profile:
 
     def _table(self, section: str) -> PackedTable:
         try:
-            return PackedTable(self._sections[section])
+            packed = self._sections[section]
+            if isinstance(packed, LazyTypes):
+                return packed  # type: ignore[return-value]  # same lookups, compiled on demand
+            return PackedTable(packed)
         except (KeyError, ValueError, EOFError, TypeError) as exc:
             raise ProfileError(f"profile {self.name}: section {section} is unreadable") from exc
 
