@@ -17,46 +17,79 @@ from typing import TYPE_CHECKING
 
 from vmishell.arch.aarch64.descriptors import DBM, PXN, UXN
 from vmishell.arch.aarch64.spec import OA_LPA, OA_LPA2, HalfSpec
-from vmishell.arch.results import Mapping, fast_mapping
+from vmishell.arch.results import Mapping
+from vmishell.arch.results import _new as _new
+from vmishell.arch.results import _set_m_nx as _set_nx
+from vmishell.arch.results import _set_m_paddr as _set_paddr
+from vmishell.arch.results import _set_m_size as _set_size
+from vmishell.arch.results import _set_m_user as _set_user
+from vmishell.arch.results import _set_m_vaddr as _set_vaddr
+from vmishell.arch.results import _set_m_writable as _set_writable
 from vmishell.arch.scan import _NX_FLAG, _TABLE_WORK
 from vmishell.errors import GuestDataError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vmishell.arch.aarch64.translator import Arm64Translator
     from vmishell.arch.runs import RunArrays
 
-#: Descriptor bits that decide a leaf's rights (AP[2:1], DBM, PXN, UXN).
-_RIGHTS_BITS = 0xC0 | DBM | PXN | UXN
+#: Runs handed over per generator step (bounds the objects held: one batch).
+BATCH_RUNS = 1024
+
+
+def _descriptor_of_index(i: int) -> int:
+    """The rights bits a 5-bit rights index stands for: AP[2:1], DBM, PXN, UXN.
+
+    The index of a descriptor `e` is `(e >> 6) & 3 | (e >> 49) & 4 | (e >> 50) & 24`.
+    """
+    return (i & 3) << 6 | (DBM if i & 4 else 0) | (PXN if i & 8 else 0) | (UXN if i & 16 else 0)
+
+
+_INDEX_BITS = tuple(_descriptor_of_index(i) for i in range(32))
 
 
 def scan_mappings(tr: Arm64Translator, start: int, end: int, max_work: int) -> Iterator[Mapping]:
     """Coalesced mappings of `tr` within virtual [start, end) (see Arm64Translator.mappings)."""
-    for v, p, size, f in scan_runs(tr, start, end, max_work):
-        yield fast_mapping(v, p, size, f & 2 != 0, f & 4 != 0, f & _NX_FLAG != 0)
+    for batch in scan_batches(tr, start, end, max_work):
+        for v, p, size, f in batch:
+            m = _new(Mapping)  # fast_mapping inlined: one Mapping per page when frames scatter
+            _set_vaddr(m, v)
+            _set_paddr(m, p)
+            _set_size(m, size)
+            _set_writable(m, f & 2 != 0)
+            _set_user(m, f & 4 != 0)
+            _set_nx(m, f & _NX_FLAG != 0)
+            yield m
 
 
 def scan_arrays(tr: Arm64Translator, start: int, end: int, max_work: int) -> RunArrays:
-    """The runs of `scan_mappings` as RunArrays (flags: 2 writable, 4 user, 8 nx)."""
+    """The runs of `scan_mappings` as RunArrays (flags: 2 writable, 4 user, 8 nx).
+
+    Each batch becomes arrays as soon as it is complete, so no Python object
+    per run outlives its batch.
+    """
     import numpy as np
 
     from vmishell.arch.runs import RunArrays
 
-    cols: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
-    for run in scan_runs(tr, start, end, max_work):
-        for col, x in zip(cols, run, strict=True):
-            col.append(x)
-    return RunArrays(
-        np.array(cols[0], np.uint64),
-        np.array(cols[1], np.uint64),
-        np.array(cols[2], np.uint64),
-        np.array(cols[3], np.uint8),
-    )
+    parts: list[tuple[np.ndarray, ...]] = []
+    for batch in scan_batches(tr, start, end, max_work):
+        a = np.array(batch, np.uint64)
+        # Columns, flags as bytes: 25 bytes a run (a batch of aliases can be millions).
+        parts.append((a[:, 0].copy(), a[:, 1].copy(), a[:, 2].copy(), a[:, 3].astype(np.uint8)))
+    if not parts:
+        z = np.zeros(0, np.uint64)
+        return RunArrays(z, z.copy(), z.copy(), np.zeros(0, np.uint8))
+    v, p, size, flags = (np.concatenate(c) for c in zip(*parts, strict=True))
+    return RunArrays(v, p, size, flags)
 
 
-def scan_runs(
+def scan_batches(
     tr: Arm64Translator, start: int, end: int, max_work: int
-) -> Iterator[tuple[int, int, int, int]]:
-    """(vaddr, paddr, size, flags) runs of both halves within [start, end), in address order."""
+) -> Iterator[list[tuple[int, int, int, int]]]:
+    """(vaddr, paddr, size, flags) runs of both halves within [start, end), in address
+    order, a batch (list) at a time: one generator step per batch, not per run."""
     work = [0]
     for lo, hi, spec in tr.geometry.linear_ranges(start, end):
         base = tr.table_base(spec.half)
@@ -81,8 +114,8 @@ def _scan_half(
     hi: int,
     work: list[int],
     max_work: int,
-) -> Iterator[tuple[int, int, int, int]]:
-    """Runs of one half within [lo, hi) (both inside the half's region)."""
+) -> Iterator[list[tuple[int, int, int, int]]]:
+    """Runs of one half within [lo, hi) (both inside the half's region), in batches."""
     reader = tr.reader
     levels = spec.levels
     n = len(levels)
@@ -91,14 +124,9 @@ def _scan_half(
     table_mask = spec.table_mask
     oa_format, pa_bits = spec.oa_format, spec.pa_bits
     lpa2, lpa = oa_format == OA_LPA2, oa_format == OA_LPA
-    flag_cache: dict[int, int] = {}
-
-    def flags(e: int, acc: int) -> int:
-        key = (e & _RIGHTS_BITS) | acc
-        f = flag_cache.get(key)
-        if f is None:
-            f = flag_cache[key] = _flags_of(e, acc, hd)
-        return f
+    # Rights as a lookup (no call per leaf): one table per accumulated hierarchical
+    # restriction, indexed by the leaf's AP[2:1], DBM, PXN and UXN (see `_rights_index`).
+    luts = tuple(tuple(_flags_of(_INDEX_BITS[i], acc, hd) for i in range(32)) for acc in range(16))
 
     f_table = [0] * n
     f_ents: list[tuple[int, ...] | None] = [None] * n
@@ -113,6 +141,8 @@ def _scan_half(
     f_last[0] = (hi - 1 - region_lo) >> levels[0].shift
     work[0] += 1
 
+    out: list[tuple[int, int, int, int]] = []
+    emit = out.append
     rv = rend = rp = 0
     rf = -1
     depth = 0
@@ -134,6 +164,7 @@ def _scan_half(
                 raise _over_budget(tr, max_work)
         out_mask = lvl.out_mask
         if lvl.last:
+            lut = luts[acc]
             seen = 0
             rpend = rp + (rend - rv)
             for i in range(first, last + 1):
@@ -148,18 +179,25 @@ def _scan_half(
                     p |= (e & 0xF000) << 36
                 if p >> pa_bits:
                     continue
-                f = flags(e, acc)
+                f = lut[((e >> 6) & 3) | ((e >> 49) & 4) | ((e >> 50) & 24)]
                 v = base + (i << shift)
                 if f == rf and v == rend and p == rpend:
                     rend += span
                     rpend += span
                 else:
                     if rf >= 0:
-                        yield _clip(rv, rend, rp, rf, lo, hi)
+                        if rv < lo or rend > hi:
+                            emit(_clip(rv, rend, rp, rf, lo, hi))
+                        else:
+                            emit((rv, rp, rend - rv, rf))
                     rv, rend, rp, rpend, rf = v, v + span, p, p + span, f
             work[0] += seen
             if work[0] > max_work:
                 raise _over_budget(tr, max_work)
+            if len(out) >= BATCH_RUNS:
+                yield out
+                out = []
+                emit = out.append
             depth -= 1
             continue
 
@@ -183,12 +221,12 @@ def _scan_half(
                 raise _over_budget(tr, max_work)
             v = base + (i << shift)
             if kind == 1:
-                f = flags(e, acc)
+                f = luts[acc][((e >> 6) & 3) | ((e >> 49) & 4) | ((e >> 50) & 24)]
                 if f == rf and v == rend and p == rp + (rend - rv):
                     rend = v + span
                 else:
                     if rf >= 0:
-                        yield _clip(rv, rend, rp, rf, lo, hi)
+                        emit(_clip(rv, rend, rp, rf, lo, hi))
                     rv, rend, rp, rf = v, v + span, p, f
                 continue
             child = levels[depth + 1]
@@ -206,7 +244,9 @@ def _scan_half(
         if not descended:
             depth -= 1
     if rf >= 0:
-        yield _clip(rv, rend, rp, rf, lo, hi)
+        emit(_clip(rv, rend, rp, rf, lo, hi))
+    if out:
+        yield out
 
 
 def _over_budget(tr: Arm64Translator, max_work: int) -> GuestDataError:
