@@ -9,8 +9,10 @@
     AddressSpace(tr).read_into(addr, buf)             # into a reused buffer, no bytes made
 
 All four x86 paging modes (legacy 32-bit, PAE, 4-level and 5-level IA-32e)
-are data over one walker. Caches follow the source's `generation`, so a live
-guest is re-read after `source.refresh()`.
+are data over one walker; AArch64 stage 1 (TTBR0/TTBR1, 4/16/64 KiB granules)
+is `vmishell.arch.aarch64.Arm64Translator`, with the same interface. Caches
+follow the source's `generation`, so a live guest is re-read after
+`source.refresh()`.
 """
 
 from __future__ import annotations

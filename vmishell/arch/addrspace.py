@@ -19,10 +19,14 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from vmishell.arch.results import Page
 from vmishell.arch.translator import Translator
 from vmishell.errors import PageFault, PhysicalReadError, TranslationError
+
+if TYPE_CHECKING:
+    from vmishell.arch.aarch64.translator import Arm64Translator
 
 _ZEROS = memoryview(bytes(1 << 16))
 #: From this size on, one physically contiguous run of a file-backed source is read
@@ -31,9 +35,9 @@ PREAD_MIN = 1 << 20
 
 
 class AddressSpace:
-    """The virtual memory one translator describes, as something to read."""
+    """The virtual memory one translator (x86 or AArch64) describes, as something to read."""
 
-    def __init__(self, translator: Translator) -> None:
+    def __init__(self, translator: Translator | Arm64Translator) -> None:
         self.translator = translator
         self.source = translator.source
         self._read_file = getattr(translator.source, "read_file", None)

@@ -38,6 +38,36 @@ class EntryFlags(IntFlag):
     NX = 1 << 63
 
 
+class Arm64Flags(IntFlag):
+    """Decoded bits of an AArch64 stage-1 descriptor, named for what they do.
+
+    Not bit positions: a table descriptor's bits 63:59 (NSTable, APTable,
+    UXNTable, PXNTable) and a leaf's (PBHA, software) share places, so each
+    meaning gets its own flag. AP_EL0 is AP[1] (EL0 may access), AP_RO is
+    AP[2] (read-only); the *_TABLE flags restrict everything below the table.
+    """
+
+    VALID = 1 << 0
+    TABLE = 1 << 1
+    BLOCK = 1 << 2
+    PAGE = 1 << 3
+    AP_EL0 = 1 << 4
+    AP_RO = 1 << 5
+    AF = 1 << 6
+    NG = 1 << 7
+    CONTIGUOUS = 1 << 8
+    PXN = 1 << 9
+    UXN = 1 << 10
+    DBM = 1 << 11
+    GP = 1 << 12
+    NS = 1 << 13
+    PXN_TABLE = 1 << 14
+    UXN_TABLE = 1 << 15
+    AP_TABLE_NO_EL0 = 1 << 16
+    AP_TABLE_RO = 1 << 17
+    NS_TABLE = 1 << 18
+
+
 class Page(NamedTuple):
     """One TLB entry: a whole mapped page and its effective permissions.
 
@@ -121,7 +151,9 @@ class WalkStep:
     """One level of a page walk: which table, which slot, what it held.
 
     `target` is the physical address the entry designates (next table or
-    page frame); `page_size` is set when the entry is the leaf.
+    page frame); `page_size` is set when the entry is the leaf. `flags` are
+    EntryFlags on x86 and Arm64Flags on AArch64, where `detail` spells the
+    descriptor's fields out (AP, AttrIndx, shareability, hints).
     """
 
     level: str
@@ -130,10 +162,11 @@ class WalkStep:
     entry_address: int
     entry: int
     present: bool
-    flags: EntryFlags
+    flags: EntryFlags | Arm64Flags
     leaf: bool
     target: int
     page_size: int | None = None
+    detail: str = ""
 
     def __str__(self) -> str:
         kind = f"page {_size_name(self.page_size)}" if self.page_size else "table"
@@ -141,6 +174,7 @@ class WalkStep:
         return (
             f"{self.level:<5} table {self.table:#x} [{self.index:3d}] "
             f"@ {self.entry_address:#x} = {self.entry:#018x}  {where}  {_flag_text(self.flags)}"
+            + (f"  ({self.detail})" if self.detail else "")
         )
 
 
@@ -242,5 +276,7 @@ def _size_name(size: int | None) -> str:
     return f"{size} B"
 
 
-def _flag_text(flags: EntryFlags) -> str:
-    return "|".join(f.name or "" for f in EntryFlags if f in flags and f is not EntryFlags.PRESENT)
+def _flag_text(flags: EntryFlags | Arm64Flags) -> str:
+    kind = type(flags)
+    silent = (EntryFlags.PRESENT, Arm64Flags.VALID)
+    return "|".join(f.name or "" for f in kind if f in flags and f not in silent)
