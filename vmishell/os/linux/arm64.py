@@ -94,12 +94,12 @@ class Arm64Paging:
 def is_arm64(profile: Profile) -> bool:
     """Whether the profile describes an arm64 kernel.
 
-    The producer says so when the profile was built by vmishell from an arm64
-    package; otherwise arm64's own CPU record (`struct cpuinfo_arm64`, in every
-    arm64 BTF and DWARF) tells it apart from x86's `cpuinfo_x86`.
+    The producer says so when vmishell built the profile (its `arch`, "aarch64");
+    otherwise arm64's own CPU record (`struct cpuinfo_arm64`, in every arm64 BTF
+    and DWARF) tells it apart from x86's `cpuinfo_x86`.
     """
     producer = profile.producer
-    for key in ("arch", "architecture", "machine"):
+    for key in ("arch", "architecture"):
         value = str(producer.get(key, "")).lower()
         if value in ("arm64", "aarch64"):
             return True
@@ -108,17 +108,24 @@ def is_arm64(profile: Profile) -> bool:
     return profile.pointer_size == 8 and profile.has_type("cpuinfo_arm64")
 
 
+def _producer_int(profile: Profile, key: str) -> int | None:
+    value = profile.producer.get(key)
+    try:
+        return int(str(value), 0) if value is not None else None
+    except ValueError:
+        return None
+
+
 def profile_granule(profile: Profile) -> int | None:
-    """PAGE_SIZE when the profile's producer recorded it."""
-    for key in ("page_size", "pagesize", "PAGE_SIZE"):
-        value = profile.producer.get(key)
-        try:
-            size = int(str(value), 0) if value is not None else 0
-        except ValueError:
-            continue
-        if size in GRANULES:
-            return size
-    return None
+    """PAGE_SIZE when the profile's producer recorded it (vmishell's builder does)."""
+    size = _producer_int(profile, "page_size")
+    return size if size in GRANULES else None
+
+
+def profile_va_bits(profile: Profile) -> int | None:
+    """CONFIG_ARM64_VA_BITS when recorded: the most the kernel runs (52 may run as 47/48)."""
+    bits = _producer_int(profile, "va_bits")
+    return bits if bits in (36, 39, 42, 47, 48, 52) else None
 
 
 def arm64_translator(
@@ -346,7 +353,9 @@ def _try_placement(
                 return paging, ttbr1, slide, True
     own = _slides_from_image(source, profile, image)
     candidates = [*dict.fromkeys([*slides, *own, 0])]
-    pagings = list(_pagings((granule, profile_granule(profile)), widths))
+    va_bits = profile_va_bits(profile)
+    hinted = (*widths, va_bits) if va_bits else widths
+    pagings = list(_pagings((granule, profile_granule(profile)), hinted))
     for paging in pagings:
         for slide in candidates:
             if confirmed(paging, slide):
