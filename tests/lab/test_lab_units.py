@@ -24,6 +24,7 @@ from vmishell.lab.qemucmd import LaunchFiles, kernel_cmdline, qemu_command
 from vmishell.lab.truth import MapLine, parse_truth
 from vmishell.lab.workload import layout
 from vmishell.sources.qmp import parse_x86_registers
+from vmishell.sources.registers_text import parse_aarch64_registers, parse_registers
 
 DATA = Path(__file__).parent / "data"
 
@@ -238,9 +239,10 @@ def test_catalogue() -> None:
     assert GUESTS["x86_64-pti"].image_name == "x86_64"
     assert GUESTS["x86_64-la57"].image_name == "x86_64" and "+la57" in GUESTS["x86_64-la57"].cpu
     assert GUESTS["i386"].kernel_package == "linux-image-686"
-    assert PLANNED_GUESTS["aarch64"].phys_offset == 0x40000000
-    with pytest.raises(LabError, match="planned"):
-        get_guest("aarch64")
+    for name in ("aarch64", "aarch64-16k"):
+        arm = get_guest(name)
+        assert (arm.machine, arm.console, arm.phys_offset) == ("virt", "ttyAMA0", 0x40000000)
+    assert GUESTS["aarch64-16k"].suite == "trixie" and not PLANNED_GUESTS
     with pytest.raises(LabError, match="unknown lab guest"):
         get_guest("sparc")
     with pytest.raises(LabError, match="accelerator"):
@@ -300,6 +302,20 @@ def test_parse_registers() -> None:
     assert regs.efer == 0 and regs.extra["EIP"] == 0xC4917B83 and regs.extra["CR2"] == 0xBFA4BEF0
     with pytest.raises(QmpError):
         parse_x86_registers("nothing here")
+
+
+def test_parse_aarch64_registers() -> None:
+    """QEMU 7.2's aarch64 `info registers` (vector registers cut): PC, SP, PSTATE, no TTBR."""
+    text = (DATA / "info-registers-aarch64.txt").read_text()
+    regs = parse_registers(text)
+    assert regs.arch == "aarch64" and (regs.cr0, regs.cr3, regs.cr4, regs.efer) == (None,) * 4
+    assert regs.extra["PC"] == 0xFFFFA7968C0DA26C and regs.extra["SP"] == 0xFFFFA7968D0B3D50
+    assert regs.extra["PSTATE"] == 0x404000C5 and regs.extra["EL"] == 1
+    assert regs.extra["X0"] == 0xF84 and regs.extra["X30"] == 0x8BC5A7968C0DA284
+    assert not any(name.startswith(("TTBR", "TCR", "Z", "P0")) for name in regs.extra)
+    assert parse_registers(I386_REGISTERS).arch == "i386"
+    with pytest.raises(QmpError, match="PSTATE"):
+        parse_aarch64_registers(" PC=ffff000000001000 X00=0000000000000000")
 
 
 def test_qmp_unreachable_socket(tmp_path: Path) -> None:

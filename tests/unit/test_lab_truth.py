@@ -43,3 +43,24 @@ def test_a_short_format_2_task_line_is_an_error() -> None:
     damaged = re.sub(r"(@@vmi task 18 18 2 0 1 S) 138 cpuhp/0", r"\1 cpuhp/0", text)
     with pytest.raises(LabError, match="malformed"):
         parse_truth(damaged)
+
+
+def test_pagemap_frames_are_in_units_of_the_page_size_the_guest_reports() -> None:
+    """An arm64-16k guest's pagemap indices and PFNs count 16 KiB pages."""
+    text = "\n".join(
+        [
+            "@@vmi marker pid=128 marker_va=0x600000 counter_va=0x600040",
+            "@@vmi pagesize 16384",
+            "@@vmi pagemap marker 600000 81000000000107f7 107f7",
+            "@@vmi pagemap counter 600040 81000000000107f7 107f7",
+            "@@vmi ready tasks=0 maps=0 format=2",
+        ]
+    )
+    truth = parse_truth(text)
+    assert truth.page_size == 16384
+    assert truth.marker_paddr == 0x107F7 * 16384
+    assert truth.counter_paddr == 0x107F7 * 16384 + 0x40
+
+
+def test_a_log_without_a_page_size_means_4_kib() -> None:
+    assert parse_truth((DATA / "serial-i386.log").read_text()).page_size == 4096

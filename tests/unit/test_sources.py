@@ -11,7 +11,7 @@ from vmishell.errors import PhysicalReadError, RegistersUnavailable, SourceError
 from vmishell.sources import BufferSource, open_image
 from vmishell.sources.elfcore import ElfCoreSource
 from vmishell.sources.files import RawImageSource
-from vmishell.sources.layout import qemu_x86_ram_layout
+from vmishell.sources.layout import qemu_ram_layout, qemu_x86_ram_layout
 
 
 def test_a_read_inside_ram_returns_the_bytes_there() -> None:
@@ -72,6 +72,23 @@ def test_qemu_puts_ram_above_4gib_only_when_it_no_longer_fits_below() -> None:
     assert qemu_x86_ram_layout(512 << 20, "q35") == [(0, 0, 512 << 20)]
     assert qemu_x86_ram_layout(4 << 30, "q35") == [(0, 0, 2 << 30), (4 << 30, 2 << 30, 2 << 30)]
     assert qemu_x86_ram_layout(4 << 30, "pc") == [(0, 0, 3 << 30), (4 << 30, 3 << 30, 1 << 30)]
+
+
+def test_arm_virt_ram_starts_at_1_gib_whatever_its_size() -> None:
+    assert qemu_ram_layout(256 << 20, "virt") == [(0x40000000, 0, 256 << 20)]
+    assert qemu_ram_layout(4 << 30, "virt") == [(0x40000000, 0, 4 << 30)]
+    assert qemu_ram_layout(4 << 30, "q35") == qemu_x86_ram_layout(4 << 30, "q35")
+
+
+def test_a_virt_ram_file_puts_offset_0_at_physical_0x40000000(tmp_path: Path) -> None:
+    path = tmp_path / "virt.ram"
+    path.write_bytes(b"\0" * 0x2000 + b"MARK" + b"\0" * 0xFFC)
+    with RawImageSource(path, machine="virt") as src:
+        assert [(r.start, r.end) for r in src.ranges()] == [(0x40000000, 0x40003000)]
+        assert src.read(0x40002000, 4) == b"MARK"
+        assert list(src.find(b"MARK")) == [0x40002000]
+        with pytest.raises(PhysicalReadError):
+            src.read(0x2000, 4)
 
 
 def test_a_raw_image_maps_file_offsets_to_physical_addresses(tmp_path: Path) -> None:

@@ -15,8 +15,13 @@ from elftools.elf.elffile import ELFFile
 
 from vmishell.lab.workload import MARKER, THREAD_NAME, build_workload, layout
 
-ARCHES = ["x86_64", "i386"]
-ELF_FIELDS = {"x86_64": ("ELFCLASS64", "EM_X86_64"), "i386": ("ELFCLASS32", "EM_386")}
+RUNNABLE = ["x86_64", "i386"]  # on an x86_64 host; aarch64 runs in the arm64 lab guests
+ARCHES = [*RUNNABLE, "aarch64"]
+ELF_FIELDS = {
+    "x86_64": ("ELFCLASS64", "EM_X86_64"),
+    "i386": ("ELFCLASS32", "EM_386"),
+    "aarch64": ("ELFCLASS64", "EM_AARCH64"),
+}
 
 
 def _skip_unless_linux_x86_64() -> None:
@@ -35,7 +40,7 @@ def _threads(pid: int) -> dict[int, str]:
     return {int(t.name): (t / "comm").read_text().strip() for t in task.iterdir()}
 
 
-@pytest.fixture(params=ARCHES)
+@pytest.fixture(params=RUNNABLE)
 def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, int]]:
     """Start the workload as `vmi-marker`, wait for its thread to name itself; kill it after."""
     arch = request.param
@@ -114,11 +119,60 @@ def test_elf_header(arch: str) -> None:
 def test_layout_sizes(arch: str) -> None:
     lay = layout(arch)
     assert lay.arch == arch
-    assert lay.counter_size == {"x86_64": 8, "i386": 4}[arch]
+    assert lay.counter_size == {"x86_64": 8, "i386": 4, "aarch64": 8}[arch]
     assert lay.data_va % 0x1000 == 0 and lay.code_va % 0x1000 == 0
 
 
-@pytest.mark.parametrize("arch", ["aarch64", "x86-64", ""])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_segments_map_on_every_page_size_of_the_arch(arch: str) -> None:
+    """Linux maps a segment only if its file offset and address agree modulo PAGE_SIZE:
+    arm64 kernels run with 4, 16 or 64 KiB pages, x86 with 4 KiB."""
+    largest = 0x10000 if arch == "aarch64" else 0x1000
+    elf = ELFFile(io.BytesIO(build_workload(arch)))
+    for seg in elf.iter_segments():
+        if seg["p_type"] == "PT_LOAD":
+            assert seg["p_align"] == largest
+            assert (seg["p_vaddr"] - seg["p_offset"]) % largest == 0
+
+
+def _a64_words() -> list[int]:
+    lay = layout("aarch64")
+    image = build_workload("aarch64")
+    code = ELFFile(io.BytesIO(image)).get_segment(0)
+    start, end = lay.entry - lay.code_va, code["p_filesz"]
+    return [int.from_bytes(image[i : i + 4], "little") for i in range(start, end, 4)]
+
+
+def test_the_aarch64_program_makes_the_same_system_calls() -> None:
+    """clone (220), nanosleep (101), prctl (167), exit (93): each `svc #0` after `movz x8`."""
+    words = _a64_words()
+    svc = [i for i, w in enumerate(words) if w == 0xD4000001]
+    numbers = []
+    for i in svc:
+        movz_x8 = [w for w in words[:i] if w & 0xFFE0001F == 0xD2800008]
+        numbers.append(movz_x8[-1] >> 5 & 0xFFFF)
+    assert numbers == [220, 101, 167, 101, 93]
+
+
+def test_every_aarch64_branch_lands_on_an_instruction_of_the_program() -> None:
+    words = _a64_words()
+    targets = []
+    for i, w in enumerate(words):
+        if w >> 26 == 0b000101:  # b imm26
+            rel = w & 0x3FFFFFF
+            rel -= (rel & 1 << 25) << 1
+        elif w >> 24 in (0xB4, 0xB7):  # cbz x / tbnz x (imm19 / imm14 at bit 5)
+            bits = 19 if w >> 24 == 0xB4 else 14
+            rel = w >> 5 & (1 << bits) - 1
+            rel -= (rel & 1 << (bits - 1)) << 1
+        else:
+            continue
+        targets.append(i + rel)
+    assert len(targets) == 4
+    assert all(0 <= t < len(words) for t in targets)
+
+
+@pytest.mark.parametrize("arch", ["arm64", "x86-64", ""])
 def test_unknown_arch(arch: str) -> None:
     with pytest.raises(ValueError, match="no workload for arch"):
         layout(arch)

@@ -14,9 +14,9 @@ the kernel comes from rather than a version Debian will move on from. Only the
 kernel comes from that suite: busybox and the workload stay the host suite's,
 so every generation runs the same user space and prints the same ground truth.
 
-Adding aarch64 later means adding a spec (see `PLANNED_GUESTS`), a workload
-for the architecture and a register parser; the runner already reads the
-console name and the physical offset of RAM from the spec.
+The arm64 guests (`aarch64`, `aarch64-16k`) differ in machine (`virt`: RAM
+starts at physical 0x40000000, console ttyAMA0), workload and register parser;
+the runner reads the console name and the physical offset of RAM from the spec.
 """
 
 from __future__ import annotations
@@ -179,24 +179,49 @@ GUESTS["x86_64-sid-la57"] = GuestSpec(
     suite="sid",
 )
 
-#: Guests the design allows for but that are not implemented yet (no workload,
-#: no register parser). Kept as data so the catalogue's shape stays honest.
-PLANNED_GUESTS: dict[str, GuestSpec] = {
-    "aarch64": GuestSpec(
-        name="aarch64",
+
+def _arm64(name: str, package: str, paging: str, description: str, suite: str = "") -> GuestSpec:
+    """An arm64 guest on QEMU's `virt` machine: RAM from 0x40000000, console ttyAMA0.
+
+    `-cpu max` offers every feature QEMU 7.2's TCG implements (LPA2 and LVA
+    included), so a kernel built for 52-bit addresses runs with them: the
+    trixie 16k kernel does (VMCOREINFO: VA_BITS=52, TCR_EL1_T1SZ=12), the
+    bookworm 4k kernel is built for 48 bits (T1SZ=16).
+    """
+    return GuestSpec(
+        name=name,
         arch="aarch64",
         debian_arch="arm64",
-        kernel_package="linux-image-arm64",
+        kernel_package=package,
         qemu_binary="qemu-system-aarch64",
         qemu_package="qemu-system-arm",
         machine="virt",
-        cpu="cortex-a57",
-        paging="4-level (4 KiB granule)",
-        description="Debian arm64 kernel on the virt machine (planned)",
+        cpu="max",
+        paging=paging,
+        description=description,
         console="ttyAMA0",
         phys_offset=0x4000_0000,
-    ),
-}
+        suite=suite,
+    )
+
+
+GUESTS["aarch64"] = _arm64(
+    "aarch64",
+    "linux-image-arm64",
+    "4K-48bit",
+    "Debian arm64 kernel (6.1) on the virt machine: 4 KiB pages, 48-bit VA",
+)
+GUESTS["aarch64-16k"] = _arm64(
+    "aarch64-16k",
+    "linux-image-arm64-16k",
+    "16K-52bit",
+    "Debian trixie arm64-16k kernel (6.12) on the virt machine: 16 KiB pages, 52-bit VA (LPA2)",
+    suite="trixie",
+)
+
+#: Guests the design allows for but that are not implemented yet. Kept as data
+#: so the catalogue's shape stays honest.
+PLANNED_GUESTS: dict[str, GuestSpec] = {}
 
 
 def get_guest(name: str | GuestSpec) -> GuestSpec:

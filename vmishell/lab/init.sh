@@ -111,9 +111,17 @@ while IFS= read -r line; do
 	esac
 done </proc/$MARKER_PID/maps
 
+# pagemap has one entry per page of the kernel's PAGE_SIZE (4 KiB on x86, 4 or
+# 16 KiB on arm64): the kernel says which in smaps.
+PAGE_SIZE=4096
+while read -r key value unit; do
+	[ "$key" = KernelPageSize: ] && PAGE_SIZE=$((value * 1024)) && break
+done </proc/$MARKER_PID/smaps
+vmi pagesize "$PAGE_SIZE"
+
 pagemap() {
 	# $1 label, $2 virtual address. dd seeks (od -j would read its way there).
-	entry=$(dd if=/proc/$MARKER_PID/pagemap bs=8 skip=$(($2 / 4096)) count=1 2>/dev/null | od -An -tx8)
+	entry=$(dd if=/proc/$MARKER_PID/pagemap bs=8 skip=$(($2 / PAGE_SIZE)) count=1 2>/dev/null | od -An -tx8)
 	set -- "$1" "$2" $entry
 	if [ -n "$3" ]; then
 		vmi pagemap "$1" "$(printf '%x' "$2")" "$3" "$(printf '%x' $((0x$3 & 0x7fffffffffffff)))"

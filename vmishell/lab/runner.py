@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import lzma
 import os
 import shutil
 import signal
@@ -446,14 +447,19 @@ def module_archive(image: BuiltGuest, module: str) -> bytes:
     try:
         data = cached.read_bytes()
     except OSError:
-        suffix = f"/{module}.ko"
-        prefix = f"lib/modules/{image.kernel_release}/"
+        # bookworm: lib/modules/R/.../M.ko; trixie (merged /usr): usr/lib/modules/R/.../M.ko.xz
+        prefixes = tuple(f"{u}lib/modules/{image.kernel_release}/" for u in ("", "usr/"))
+        suffixes = (f"/{module}.ko", f"/{module}.ko.xz")
         found = deb.extract(
-            image.kernel_deb, lambda n: n.startswith(prefix) and n.endswith(suffix), stop_when=bool
+            image.kernel_deb,
+            lambda n: n.startswith(prefixes) and n.endswith(suffixes),
+            stop_when=bool,
         )
         if not found:
             raise LabError(f"{image.kernel_deb.name} has no {module}.ko") from None
-        data = next(iter(found.values()))
+        member, data = next(iter(found.items()))
+        if member.endswith(".xz"):  # busybox insmod takes the plain module only
+            data = lzma.decompress(data)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
@@ -604,7 +610,8 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
     """Write guest RAM of instance `name` to `path`.
 
     raw: the RAM file copied while the vCPUs are paused (offset = physical
-    address); elf: QEMU's `dump-guest-memory` (paging off) with PT_LOAD
+    address: on arm64 `virt` RAM lands at 0x40000000, after a sparse hole);
+    elf: QEMU's `dump-guest-memory` (paging off) with PT_LOAD
     segments per RAM block and QEMU/VMCOREINFO notes carrying registers;
     kdump-*: the same in makedumpfile's compressed format.
     """
@@ -625,7 +632,7 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
             if was_running:
                 q.stop()
             try:
-                shutil.copyfile(guest.ram_path, target)
+                _copy_ram(guest.ram_path, target, guest.spec.phys_offset)
             except OSError as exc:
                 raise LabError(f"cannot copy {guest.ram_path} to {target}: {exc}") from exc
             finally:
@@ -641,6 +648,16 @@ def dump(name: str, path: str | Path, fmt: str = "raw", *, timeout: float = 600.
             if result.get("status") != "completed":
                 raise LabError(f"dump of {name!r} to {target} did not complete: {result}")
     return target
+
+
+def _copy_ram(ram: Path, target: Path, phys_offset: int) -> None:
+    """Copy a RAM file so that file offset = physical address (a sparse hole before RAM)."""
+    if not phys_offset:
+        shutil.copyfile(ram, target)
+        return
+    with ram.open("rb") as src, target.open("wb") as out:
+        out.seek(phys_offset)
+        shutil.copyfileobj(src, out, 16 * MIB)
 
 
 def _dump_process_ram(guest: RunningGuest, target: Path) -> None:

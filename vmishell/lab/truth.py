@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from vmishell.errors import LabError
 
 PREFIX = "@@vmi "
+#: The page size when the guest does not say (logs from before `@@vmi pagesize`).
 PAGE_SIZE = 4096
 _PFN_MASK = (1 << 55) - 1
 _PRESENT = 1 << 63
@@ -116,6 +117,8 @@ class GroundTruth:
     virt_bits: int | None = None
     #: /sys/devices/system/cpu/vulnerabilities/meltdown, e.g. "Mitigation: PTI".
     meltdown: str | None = None
+    #: The kernel's PAGE_SIZE (smaps' KernelPageSize): the unit of pagemap indices and PFNs.
+    page_size: int = PAGE_SIZE
 
     # -- convenience -------------------------------------------------------------
     def _iomem(self, name: str) -> tuple[int, int] | None:
@@ -159,7 +162,7 @@ class GroundTruth:
         entry = self.pagemap.get(vaddr)
         if entry is None or not entry.present:
             return None
-        return entry.pfn * PAGE_SIZE + vaddr % PAGE_SIZE
+        return entry.pfn * self.page_size + vaddr % self.page_size
 
     @property
     def marker_paddr(self) -> int | None:
@@ -224,6 +227,7 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
     marker: dict[str, str] = {}
     cpu: dict[str, str] = {}
     meltdown = None
+    page_size = PAGE_SIZE
     ready = _kv(lines[-1][1].split())
     with_start = ready.get("format", "1") != "1"
     try:
@@ -255,6 +259,8 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
                 cpu = _kv(fields)
             elif kind == "meltdown":
                 meltdown = rest.strip()
+            elif kind == "pagesize":
+                page_size = int(fields[0])
     except (ValueError, IndexError) as exc:
         raise LabError(f"{source}: malformed ground truth line: {exc}") from exc
 
@@ -284,6 +290,7 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
         phys_bits=int(cpu["phys_bits"]) if cpu.get("phys_bits") else None,
         virt_bits=int(cpu["virt_bits"]) if cpu.get("virt_bits") else None,
         meltdown=meltdown,
+        page_size=page_size,
     )
 
 

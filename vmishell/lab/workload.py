@@ -15,16 +15,18 @@ The program, identical on every architecture:
 
 The main thread's comm is left alone: it is the basename it is executed as.
 
-Memory map (both segments page-aligned, p_align 0x1000):
+Memory map (both segments aligned to p_align, the largest page size of the arch):
 
-    arch     code (R+X)   data (R+W)   data size
-    x86_64   0x00400000   0x00600000   0x3000
-    i386     0x08048000   0x0804a000   0x3000
+    arch     code (R+X)   data (R+W)   data size   p_align (data at file offset)
+    x86_64   0x00400000   0x00600000   0x3000      0x1000
+    i386     0x08048000   0x0804a000   0x3000      0x1000
+    aarch64  0x00400000   0x00600000   0x3000      0x10000 (4, 16 and 64 KiB pages)
 
-The data segment's first page comes from the file: MARKER at +0x000, the
+The data segment's first 4 KiB come from the file: MARKER at +0x000, the
 counter at +0x040, the timespec {1 s, 0 ns} at +0x050, THREAD_NAME at +0x060.
-Its next two pages are zero (p_memsz > p_filesz) and hold the thread's stack,
-whose top is the end of the segment. The marker and the counter share a page.
+The rest is zero (p_memsz > p_filesz) and holds the thread's stack, whose top
+is the end of the segment. The marker and the counter share a page (with 16
+or 64 KiB pages the whole segment is one page).
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ X86_64_CODE_VA = 0x0040_0000
 X86_64_DATA_VA = 0x0060_0000
 I386_CODE_VA = 0x0804_8000
 I386_DATA_VA = 0x0804_A000
+AARCH64_CODE_VA = 0x0040_0000
+AARCH64_DATA_VA = 0x0060_0000
 
 MARKER_OFFSET = 0x000
 COUNTER_OFFSET = 0x040
 TIMESPEC_OFFSET = 0x050
 NAME_OFFSET = 0x060
 DATA_FILE_SIZE = 0x080  # initialised part of the data segment
-DATA_MEM_SIZE = 0x3000  # one data page + 8 KiB of thread stack
-DATA_FILE_OFFSET = PAGE  # the data page sits at file offset 0x1000
+DATA_MEM_SIZE = 0x3000  # 4 KiB of data + 8 KiB of thread stack
+ARM64_ALIGN = 0x10000  # p_align on aarch64: a multiple of every granule (4, 16, 64 KiB)
 
 # CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 _CLONE_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
@@ -89,24 +93,52 @@ class _Jump:
     opcode: int
     target: str
 
+    size = 2
 
-_Piece = bytes | _Label | _Jump
+    def encode(self, rel: int) -> bytes:
+        return struct.pack("<Bb", self.opcode, rel)  # struct rejects rel8 overflow
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """An AArch64 PC-relative branch to a label: `base` with the word offset placed.
+
+    `bits` wide at bit `shift` (B: 26 at 0; CBZ: 19 at 5; TBNZ: 14 at 5); the
+    offset is counted from the branch itself, in 4-byte instructions.
+    """
+
+    base: int
+    target: str
+    bits: int
+    shift: int
+
+    size = 4
+
+    def encode(self, rel: int) -> bytes:
+        rel += self.size  # AArch64 branches are relative to their own address
+        words = rel // 4
+        if rel % 4 or not -(1 << (self.bits - 1)) <= words < 1 << (self.bits - 1):
+            raise ValueError(f"branch to {self.target} out of range ({rel} bytes)")
+        mask = (1 << self.bits) - 1
+        return _u32(self.base | (words & mask) << self.shift)
+
+
+_Piece = bytes | _Label | _Jump | _Branch
 
 
 def _assemble(pieces: Sequence[_Piece]) -> bytes:
-    """Concatenate pieces, resolving rel8 jumps once every label's offset is known."""
+    """Concatenate pieces, resolving relative jumps once every label's offset is known."""
     labels: dict[str, int] = {}
     pos = 0
     for piece in pieces:
         if isinstance(piece, _Label):
             labels[piece.name] = pos
         else:
-            pos += 2 if isinstance(piece, _Jump) else len(piece)
+            pos += piece.size if isinstance(piece, _Jump | _Branch) else len(piece)
     out = bytearray()
     for piece in pieces:
-        if isinstance(piece, _Jump):
-            rel = labels[piece.target] - (len(out) + 2)
-            out += struct.pack("<Bb", piece.opcode, rel)  # struct rejects rel8 overflow
+        if isinstance(piece, _Jump | _Branch):
+            out += piece.encode(labels[piece.target] - (len(out) + piece.size))
         elif isinstance(piece, bytes):
             out += piece
     return bytes(out)
@@ -204,6 +236,59 @@ def _code_i386(lay: WorkloadLayout) -> list[_Piece]:
     ]
 
 
+def _a64_load(reg: int, value: int) -> bytes:
+    """movz xN, #lo16; movk xN, #hi16, lsl #16: a 32-bit constant into a 64-bit register."""
+    assert 0 <= value < 1 << 32
+    movz = 0xD2800000 | (value & 0xFFFF) << 5 | reg
+    movk = 0xF2A00000 | (value >> 16) << 5 | reg  # hw=1: bits 16-31
+    return _u32(movz) + (_u32(movk) if value >> 16 else b"")
+
+
+def _a64_sleep(timespec: int) -> list[_Piece]:
+    """nanosleep(timespec, NULL)."""
+    return [_a64_load(_X8, 101), _a64_load(_X0, timespec), _a64_load(_X1, 0), _SVC]
+
+
+_X0, _X1, _X2, _X3, _X4, _X8, _X9, _X10 = 0, 1, 2, 3, 4, 8, 9, 10
+_SVC = _u32(0xD4000001)  # svc #0: syscall number in x8, arguments in x0-x5
+
+
+def _code_aarch64(lay: WorkloadLayout) -> list[_Piece]:
+    """The same program for arm64 (generic syscall numbers; clone's arm64 argument order)."""
+    timespec = lay.data_va + TIMESPEC_OFFSET
+    return [
+        _a64_load(_X9, lay.counter_va),  # x9 = &counter (kept by the thread too)
+        _u32(0xF900013F),  # str xzr, [x9]
+        _a64_load(_X8, 220),  # x8 = SYS_clone
+        _a64_load(_X0, _CLONE_FLAGS),  # x0 = flags
+        _a64_load(_X1, lay.data_va + DATA_MEM_SIZE),  # x1 = stack_top
+        _a64_load(_X2, 0),  # x2 = parent_tid = NULL
+        _a64_load(_X3, 0),  # x3 = tls = 0
+        _a64_load(_X4, 0),  # x4 = child_tid = NULL
+        _SVC,  # svc #0
+        _Branch(0xB4000000 | _X0, "thread", 19, 5),  # cbz x0, thread
+        _Branch(0xB7F80000 | _X0, "fail", 14, 5),  # tbnz x0, #63, fail
+        _Label("main"),
+        _u32(0xF940012A),  # ldr x10, [x9]
+        _u32(0x9100054A),  # add x10, x10, #1
+        _u32(0xF900012A),  # str x10, [x9]
+        *_a64_sleep(timespec),  # nanosleep(timespec, NULL)
+        _Branch(0x14000000, "main", 26, 0),  # b main
+        _Label("thread"),
+        _a64_load(_X8, 167),  # x8 = SYS_prctl
+        _a64_load(_X0, _PR_SET_NAME),  # x0 = PR_SET_NAME
+        _a64_load(_X1, lay.data_va + NAME_OFFSET),  # x1 = name
+        _SVC,  # svc #0
+        _Label("sleep"),
+        *_a64_sleep(timespec),  # nanosleep(timespec, NULL)
+        _Branch(0x14000000, "sleep", 26, 0),  # b sleep
+        _Label("fail"),
+        _a64_load(_X0, 1),  # x0 = 1
+        _a64_load(_X8, 93),  # x8 = SYS_exit
+        _SVC,  # svc #0
+    ]
+
+
 # --- ELF container -----------------------------------------------------------
 
 
@@ -216,11 +301,17 @@ class _Arch:
     code_va: int
     data_va: int
     code: Callable[[WorkloadLayout], list[_Piece]]
+    #: p_align, and the file offset of the data segment: the kernel maps a segment
+    #: only when its file offset and address agree modulo its own page size.
+    align: int = PAGE
 
 
 _ARCHES: dict[str, _Arch] = {
     "x86_64": _Arch(64, 62, X86_64_CODE_VA, X86_64_DATA_VA, _code_x86_64),  # EM_X86_64
     "i386": _Arch(32, 3, I386_CODE_VA, I386_DATA_VA, _code_i386),  # EM_386
+    "aarch64": _Arch(  # EM_AARCH64
+        64, 183, AARCH64_CODE_VA, AARCH64_DATA_VA, _code_aarch64, ARM64_ALIGN
+    ),
 }
 
 _PHNUM = 3  # code PT_LOAD, data PT_LOAD, PT_GNU_STACK (non-executable stack)
@@ -276,11 +367,12 @@ def build_workload(arch: str) -> bytes:
     code = _assemble(spec.code(lay))
     code_start = lay.entry - spec.code_va
     code_end = code_start + len(code)
-    assert code_end <= DATA_FILE_OFFSET, "workload code overflows its page"
-    data_seg = (DATA_FILE_OFFSET, spec.data_va, DATA_FILE_SIZE, DATA_MEM_SIZE)
+    data_offset = spec.align  # the data page's file offset, congruent to data_va
+    assert code_end <= data_offset, "workload code overflows its page"
+    data_seg = (data_offset, spec.data_va, DATA_FILE_SIZE, DATA_MEM_SIZE)
     segments = [  # (type, flags, offset, vaddr, filesz, memsz, align)
-        (_PT_LOAD, _PF_R | _PF_X, 0, spec.code_va, code_end, code_end, PAGE),
-        (_PT_LOAD, _PF_R | _PF_W, *data_seg, PAGE),
+        (_PT_LOAD, _PF_R | _PF_X, 0, spec.code_va, code_end, code_end, spec.align),
+        (_PT_LOAD, _PF_R | _PF_W, *data_seg, spec.align),
         (_PT_GNU_STACK, _PF_R | _PF_W, 0, 0, 0, 0, 16),  # keeps the stack non-executable
     ]
     wide = spec.bits == 64
@@ -311,8 +403,8 @@ def build_workload(arch: str) -> bytes:
     )
     headers = ehdr + phdrs
     assert len(headers) == _headers_size(spec)
-    image = bytearray(DATA_FILE_OFFSET + DATA_FILE_SIZE)
+    image = bytearray(data_offset + DATA_FILE_SIZE)
     image[: len(headers)] = headers
     image[code_start:code_end] = code
-    image[DATA_FILE_OFFSET:] = _data_image(spec.bits // 8)
+    image[data_offset:] = _data_image(spec.bits // 8)
     return bytes(image)

@@ -44,8 +44,10 @@ class PhysRange:
 class Registers:
     """The vCPU state that address translation needs (and a few more for display).
 
-    `arch` is "x86_64" or "i386" for the guest's architecture as reported by
-    the source. Control registers absent from the source are None.
+    `arch` is "x86_64", "i386" or "aarch64" for the guest's architecture as
+    reported by the source. Control registers absent from the source are None
+    (on aarch64 all of them: QEMU's `info registers` shows PC, SP and PSTATE,
+    kept in `extra`, but no TTBR or TCR).
     """
 
     arch: str

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from vmishell.errors import PhysicalReadError, QmpError, SourceError
 from vmishell.sources.base import Registers
-from vmishell.sources.layout import flat_layout, qemu_x86_ram_layout
+from vmishell.sources.layout import flat_layout, qemu_ram_layout
 from vmishell.sources.memory import BufferSource
-from vmishell.sources.registers_text import parse_x86_registers
+from vmishell.sources.registers_text import parse_registers
 from vmishell.sources.vmwatch import ProcessWatch, QmpEvents, Throttle, peer_pid, qmp_command
 
 
@@ -186,11 +186,12 @@ class MappedFileSource(BufferSource):
 
 
 class RawImageSource(MappedFileSource):
-    """A raw dump: file offset = physical address (or a QEMU RAM-file layout)."""
+    """A raw dump: file offset = physical address, or a QEMU RAM-file layout when
+    `machine` names one ("q35", "pc", "virt": see `vmishell.sources.layout`)."""
 
     def __init__(self, path: str | os.PathLike[str], *, machine: str | None = None) -> None:
         size = _file_size(path)
-        layout = qemu_x86_ram_layout(size, machine) if machine else flat_layout(size)
+        layout = qemu_ram_layout(size, machine) if machine else flat_layout(size)
         super().__init__(path, layout, kind="raw image")
 
 
@@ -221,7 +222,7 @@ class QemuRamSource(MappedFileSource):
         size = _file_size(ram_path)
         super().__init__(
             ram_path,
-            qemu_x86_ram_layout(size, machine),
+            qemu_ram_layout(size, machine),
             writable=writable,
             live=True,
             kind="live RAM file",
@@ -287,7 +288,7 @@ class QemuRamSource(MappedFileSource):
             return super().registers()
         self.check()
         text = self._command("human-monitor-command", **{"command-line": "info registers"})
-        return parse_x86_registers(str(text))
+        return parse_registers(str(text))
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from vmishell.errors import PhysicalReadError, QmpError, SourceError
 from vmishell.sources.base import PhysicalSource, PhysRange, Registers
-from vmishell.sources.layout import qemu_x86_ram_layout
+from vmishell.sources.layout import qemu_ram_layout
 from vmishell.sources.vmwatch import ProcessWatch, QmpEvents, Throttle, peer_pid
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def learn_layout(monitor: Monitor, where: str) -> QemuRamLayout:
 def shared_file_layout(
     layout: QemuRamLayout,
 ) -> tuple[Memdev, str] | None:
-    """(memdev, machine) when all RAM is one shared file laid out as QEMU's q35/pc do.
+    """(memdev, machine) when all RAM is one shared file laid out as QEMU's q35/pc/virt do.
 
     Then `QemuRamSource` maps the file: the same bytes without a system call per read.
     """
@@ -213,8 +213,8 @@ def shared_file_layout(
         or not os.access(dev.mem_path, os.R_OK)
     ):
         return None
-    for machine in ("q35", "pc"):
-        triples = qemu_x86_ram_layout(st.st_size, machine)
+    for machine in ("q35", "pc", "virt"):
+        triples = qemu_ram_layout(st.st_size, machine)
         if all(_inside(p, triples) for p in layout.pieces):
             return dev, machine
     return None
@@ -453,9 +453,9 @@ class QemuProcessSource(PhysicalSource):
     def registers(self) -> Registers:
         self.check()
         with self._monitor() as monitor:
-            from vmishell.sources.qmp import parse_x86_registers
+            from vmishell.sources.registers_text import parse_registers
 
-            return parse_x86_registers(monitor.hmp("info registers"))
+            return parse_registers(monitor.hmp("info registers"))
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -23,7 +23,8 @@ from qemu.qmp.error import QMPError
 
 from vmishell.errors import QmpError
 from vmishell.sources.base import Registers
-from vmishell.sources.registers_text import parse_x86_registers
+from vmishell.sources.registers_text import parse_registers
+from vmishell.sources.registers_text import parse_x86_registers as parse_x86_registers
 
 T = TypeVar("T")
 
@@ -105,7 +106,7 @@ class QmpClient:
 
     def registers(self) -> Registers:
         """The current vCPU's control registers (x86 guests)."""
-        return parse_x86_registers(self.hmp("info registers"))
+        return parse_registers(self.hmp("info registers"))
 
     def status(self) -> str:
         """QEMU's run state: "running", "paused", "shutdown", ..."""

@@ -44,3 +44,34 @@ def parse_x86_registers(text: str) -> Registers:
         efer=efer,
         extra={k: v for k, v in values.items() if k in _EXTRA},
     )
+
+
+# aarch64 `info registers` (QEMU 7.2): PC, X00-X30, SP, PSTATE (with its decoded
+# flags and mode, e.g. "PSTATE=404000c5 -Z-- EL1h"), then FP/SVE state. It shows
+# no system registers: TTBR0_EL1, TTBR1_EL1 and TCR_EL1 are absent, so a walker
+# learns the translation regime from the kernel (VMCOREINFO, swapper_pg_dir).
+_A64_REG = re.compile(r"(?<![A-Za-z0-9\[])(PC|SP|PSTATE|X[0-3][0-9]) ?=([0-9a-fA-F]+)\b")
+_A64_MODE = re.compile(r"\bEL([0-3])([th])\b")
+
+
+def parse_aarch64_registers(text: str) -> Registers:
+    """Registers from HMP `info registers` output of an aarch64 vCPU.
+
+    `extra` holds PC, SP, PSTATE, X0-X30 and EL (the exception level, from
+    PSTATE bits 2-3). The x86 control-register fields stay None.
+    """
+    values: dict[str, int] = {}
+    for name, value in _A64_REG.findall(text):
+        key = f"X{int(name[1:])}" if name.startswith("X") else name
+        values.setdefault(key, int(value, 16))
+    if "PC" not in values or "PSTATE" not in values:
+        raise QmpError(f"no PC/PSTATE in aarch64 `info registers` output: {text[:200]!r}")
+    values["EL"] = values["PSTATE"] >> 2 & 3
+    return Registers(arch="aarch64", extra=values)
+
+
+def parse_registers(text: str) -> Registers:
+    """Registers from HMP `info registers` of either architecture QEMU runs in the lab."""
+    if "PSTATE=" in text and "CR3=" not in text:
+        return parse_aarch64_registers(text)
+    return parse_x86_registers(text)

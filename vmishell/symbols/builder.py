@@ -71,6 +71,7 @@ def build_profile(
     path = output_path(out, profile_filename(image, banner))
     producer = {
         "kernel": image.describe(),
+        **image.target(),
         "types_from": types_from,
         "symbols_from": _recorded(symbols.source),
     }

@@ -95,6 +95,16 @@ def arm64_endian(data: bytes) -> str:
     return "big" if flags & 1 else "little"
 
 
+#: arm64 Image header flags bits 1-2 -> the kernel's page size (0: unspecified).
+_ARM64_PAGE_SIZES = {1: 4096, 2: 16384, 3: 65536}
+
+
+def arm64_page_size(data: bytes) -> int | None:
+    """The page size an arm64 Image was built for, from its header flags (None: unsaid)."""
+    flags = struct.unpack_from("<Q", data, 0x18)[0]
+    return _ARM64_PAGE_SIZES.get(flags >> 1 & 3)
+
+
 # -- ELF vmlinux ------------------------------------------------------------------------
 
 

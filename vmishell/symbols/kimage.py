@@ -26,6 +26,7 @@ from vmishell.symbols.containers import (
     BTF_MAGIC_LE,
     ELF_MAGIC,
     arm64_endian,
+    arm64_page_size,
     bzimage_payload,
     describe_bytes,
     elf_btf,
@@ -98,6 +99,8 @@ class KernelImage:
     source: Path | None = None
     #: How the vmlinux was wrapped, outermost first, e.g. ["deb", "bzImage", "xz"].
     layers: list[str] = field(default_factory=list)
+    #: PAGE_SIZE when the image says it (arm64 Image header); x86 is always 4096.
+    page_size: int | None = None
 
     @property
     def version(self) -> str | None:
@@ -129,6 +132,21 @@ class KernelImage:
         key = name if name.startswith("CONFIG_") else f"CONFIG_{name}"
         m = re.search(rf"^{re.escape(key)}=(.*)$", self.config, re.M)
         return m.group(1).strip('"') if m else None
+
+    def target(self) -> dict[str, str | int]:
+        """What a walker must know of the machine: arch, page size, VA bits (when known).
+
+        Recorded in the ISF's producer metadata, the only place Volatility's
+        schema leaves open, so a session picks the walker before reading memory.
+        """
+        out: dict[str, str | int] = {"arch": self.arch}
+        page_size = self.page_size or (4096 if self.arch in ("x86_64", "i386") else None)
+        if page_size:
+            out["page_size"] = page_size
+        va_bits = self.config_option("ARM64_VA_BITS")
+        if va_bits and va_bits.isdigit():
+            out["va_bits"] = int(va_bits)  # the kernel's maximum; 52 may run as 48 (no LPA2)
+        return out
 
     def describe(self) -> str:
         what = self.package and f"{self.package} {self.package_version}"
@@ -246,6 +264,7 @@ def _from_arm64_image(data: bytes, name: str) -> KernelImage:
         is_elf=False,
         btf=find_btf(data, endian),
         banner=find_banner(data),
+        page_size=arm64_page_size(data),
     )
 
 
