@@ -59,7 +59,14 @@ class LinuxGuest:
             self.limits,
             special,
             kernel_start=self.location.page_offset,
+            page_shift=self.page_size.bit_length() - 1,
         )
+
+    @property
+    def page_size(self) -> int:
+        """The kernel's PAGE_SIZE: the arm64 granule, 4 KiB on x86."""
+        mode = self.location.mode
+        return mode.granule if isinstance(mode, Arm64Paging) else 4096
 
     def symbol(self, name: str) -> int:
         """Run-time virtual address of a kernel symbol."""
