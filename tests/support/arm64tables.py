@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+from tests.support.pagetables import CopyingSource
 from vmishell.sources.memory import BufferSource
 
 VIRT_RAM = 0x4000_0000
@@ -91,8 +92,11 @@ class Arm64TableBuilder:
     def write(self, addr: int, value: int) -> None:
         struct.pack_into("<Q", self.ram, addr - self.ram_base, value)
 
-    def source(self) -> BufferSource:
-        return BufferSource([(self.ram_base, self.ram)], description="arm64 test tables")
+    def source(self, *, live: bool = False, zero_copy: bool = True) -> BufferSource:
+        """The RAM as a source (shares the bytearray); `zero_copy=False` hides its
+        segments, like a source read over a socket, to exercise the table cache."""
+        cls = BufferSource if zero_copy else CopyingSource
+        return cls([(self.ram_base, self.ram)], description="arm64 test tables", live=live)
 
     def entry_address(self, vaddr: int, depth: int) -> int:
         """Where the descriptor of `vaddr` at walk depth `depth` (0 = top) lives."""

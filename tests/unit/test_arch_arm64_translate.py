@@ -194,6 +194,14 @@ def test_output_above_the_physical_size_is_an_address_size_fault() -> None:
     assert translator(b, pa_bits=48).translate(0x1000).paddr == 1 << 44
 
 
+def test_64k_bits_15_12_are_address_bits_that_fault_below_52_bits() -> None:
+    b = Arm64TableBuilder(65536, 48, fmt="lpa")
+    b.map(0x10000, 1 << 48)
+    with pytest.raises(PageFault, match="address size fault"):
+        translator(b, pa_bits=48).translate(0x10000)
+    assert translator(b, pa_bits=52).translate(0x10000).paddr == 1 << 48
+
+
 def test_ttbr_asid_and_cnp_are_dropped_and_52_bit_base_decoded() -> None:
     b = Arm64TableBuilder(65536, 52, fmt="lpa")
     b.map(0x10000, DATA)

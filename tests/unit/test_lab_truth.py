@@ -46,20 +46,23 @@ def test_a_short_format_2_task_line_is_an_error() -> None:
 
 
 def test_pagemap_frames_are_in_units_of_the_page_size_the_guest_reports() -> None:
-    """An arm64-16k guest's pagemap indices and PFNs count 16 KiB pages."""
-    text = "\n".join(
-        [
-            "@@vmi marker pid=128 marker_va=0x600000 counter_va=0x600040",
-            "@@vmi pagesize 16384",
-            "@@vmi pagemap marker 600000 81000000000107f7 107f7",
-            "@@vmi pagemap counter 600040 81000000000107f7 107f7",
-            "@@vmi ready tasks=0 maps=0 format=2",
-        ]
-    )
-    truth = parse_truth(text)
-    assert truth.page_size == 16384
-    assert truth.marker_paddr == 0x107F7 * 16384
-    assert truth.counter_paddr == 0x107F7 * 16384 + 0x40
+    """Printed by the aarch64-16k guest: pagemap indices and PFNs count 16 KiB pages."""
+    truth = parse_truth((DATA / "serial-aarch64-16k.log").read_text())
+    assert truth.machine == "aarch64" and truth.page_size == 16384
+    assert truth.marker_paddr == 0x107ED * 16384
+    assert truth.counter_paddr == 0x107ED * 16384 + 0x40
+    assert truth.system_ram == ((0x40000000, 0x4FFFFFFF),)
+    assert truth.symbols["init_task"] - truth.symbols["_text"] == 0x20DF580
+    assert [t.comm for t in truth.threads_of(truth.marker_pid)] == ["vmi-marker", "vmi-thread"]
+    assert truth.phys_bits is None  # arm64's /proc/cpuinfo has no "address sizes"
+
+
+def test_an_arm64_4k_log_has_4_kib_pages_and_no_data_symbols() -> None:
+    """bookworm's arm64 kernel lacks CONFIG_KALLSYMS_ALL: /proc/kallsyms lists text only."""
+    truth = parse_truth((DATA / "serial-aarch64.log").read_text())
+    assert truth.page_size == 4096 and truth.marker_paddr is not None
+    assert truth.marker_paddr >= 0x40000000
+    assert "_stext" in truth.symbols and "init_task" not in truth.symbols
 
 
 def test_a_log_without_a_page_size_means_4_kib() -> None:

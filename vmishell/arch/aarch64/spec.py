@@ -74,7 +74,9 @@ class HalfSpec:
     ignore) leaves VA bits 63:56 out of the range check; `hpd` (hierarchical
     permission disable) makes the walker ignore APTable/UXNTable/PXNTable.
     `oa_format` says where output-address bits above 47 live (OA_48: nowhere,
-    OA_LPA2: bits 9:8 hold OA[51:50], OA_LPA: bits 15:12 hold OA[51:48]).
+    OA_LPA2: bits 9:8 hold OA[51:50], OA_LPA: bits 15:12 hold OA[51:48], which
+    is every 64 KiB descriptor's format on a FEAT_LPA CPU); output addresses
+    at or above `pa_bits` (TCR_EL1.IPS) are address-size faults.
     """
 
     half: int
@@ -116,6 +118,8 @@ class HalfSpec:
     def describe(self) -> str:
         kib = self.granule >> 10
         extra = {OA_48: "", OA_LPA2: ", LPA2", OA_LPA: ", LPA"}[self.oa_format]
+        if self.pa_bits < 52:
+            extra = ""
         return (
             f"{self.name}: {kib} KiB granule, {self.va_bits}-bit VA, "
             f"levels {self.levels[0].number}..3{extra}"
@@ -155,10 +159,9 @@ def half_spec(
     b = s - 3  # index bits per full level: a table is one granule of 8-byte descriptors
     count = -(-(va_bits - s) // b)
     start = 4 - count
-    if granule == 65536:
-        oa_format = OA_LPA if pa_bits == 52 else OA_48
-    else:
-        oa_format = OA_LPA2 if ds else OA_48
+    # As AArch64.NextTableBase and S1OAFromDescriptor read them on a FEAT_LPA CPU, 64 KiB
+    # descriptors hold OA[51:48] in bits 15:12 whatever IPS says (address-size fault below 52).
+    oa_format = OA_LPA if granule == 65536 else (OA_LPA2 if ds else OA_48)
     top_oa = 50 if oa_format == OA_LPA2 else 48  # descriptor bits [top_oa-1:shift]
     levels = []
     for n in range(start, 4):
