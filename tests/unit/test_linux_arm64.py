@@ -219,3 +219,15 @@ def test_a_walk_renders_arm64_levels_and_descriptor_bits() -> None:
     assert "VALID|" not in diagram and "AF" in diagram
     assert diagram in frame._repr_html_()
     assert "UXN" in walk_table(frame.walk)
+
+
+def test_hostile_variables_cost_a_few_walks_not_the_answer() -> None:
+    """A kimage_voffset that lies and a vmcoreinfo_data pointer outside RAM are guest data:
+    the slide they imply fails its walk, and the kernel half's own mapping still decides."""
+    extra = ("kimage_voffset", "memstart_addr", "vmcoreinfo_data")
+    kernel = build(extra=extra)
+    kernel.write_u64("kimage_voffset", 0x4141_4141_4141_4141)
+    kernel.write_u64("vmcoreinfo_data", 0xFFFF_0000_DEAD_B000)
+    used = []
+    loc = locate_arm64(kernel.source(), kernel.profile, on_vmcoreinfo=used.append)
+    assert (loc.mode, loc.virtual_shift, used) == (Arm64Paging(4096, 48), SLIDE, [])
