@@ -115,10 +115,12 @@ def test_the_kernel_has_no_user_half(generation) -> None:
     assert s.kernel.translate(s.symbol("linux_banner")).paddr == s.guest.location.banner_paddr
 
 
-def test_an_elf_dump_gives_the_same_answers(generation, tmp_path) -> None:
-    """QEMU's ELF core of the guest: RAM at its physical addresses, found the same way."""
+@pytest.mark.parametrize("fmt", ["elf", "raw"])
+def test_a_dump_gives_the_same_answers(generation, tmp_path, fmt: str) -> None:
+    """QEMU's ELF core (RAM at its program headers' physical addresses) and a raw copy
+    (file offset = physical address): the kernel found the same way, the same marker."""
     truth = generation.truth
-    dump = generation.guest.dump(tmp_path / "guest.elf", "elf")
+    dump = generation.guest.dump(tmp_path / f"guest.{fmt}", fmt)
     try:
         with Session.image(dump) as s:
             assert s.guest.location.mode == generation.session.guest.location.mode
