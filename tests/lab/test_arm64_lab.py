@@ -189,3 +189,52 @@ def test_the_profile_comes_from_the_package_and_knows_the_machine(arm: Arm) -> N
     for name in set(truth) & {"_etext", "init_task", "linux_banner", "swapper_pg_dir", "_end"}:
         expected = truth[name] - truth[base]
         assert profile.symbol_address(name) - profile.symbol_address(base) == expected, name
+
+
+def _built(name: str):  # -> BuiltGuest
+    from tests.conftest import lab_unavailable
+    from vmishell.errors import VmiError
+    from vmishell.lab.build import build_guest
+
+    try:
+        return build_guest(name)
+    except VmiError as exc:
+        lab_unavailable(f"{name}: {exc}")
+
+
+def test_the_4k_profile_agrees_with_the_dbg_package(tmp_path: Path) -> None:
+    """Addresses from System.map (no KALLSYMS_ALL), layouts from BTF equal to DWARF's."""
+    from vmishell.lab.dbgprofiles import check_profile, debug_files
+    from vmishell.lab.profiles import ensure_profile
+    from vmishell.symbols.profile import load_profile
+
+    built = _built("aarch64")
+    kernel = built.manifest["packages"]["kernel"]
+    profile = load_profile(ensure_profile(built), cache_dir=tmp_path / "cache")
+    assert profile.producer["symbols_from"].startswith("System.map file")
+    dbg = debug_files("arm64", kernel["name"], kernel["version"])
+    assert check_profile(profile, dbg) == []
+
+
+@pytest.mark.parametrize("name", ARM64_GUESTS)
+def test_volatility3_loads_the_arm64_profile(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It has no arm64 layer, but its Linux symbol table reads our ISF: types and symbols.
+
+    (The schema is Volatility's own check at load time; the unit tests run it on a
+    small ISF: jsonschema takes minutes over a whole kernel's.)"""
+    from vmishell.lab.profiles import ensure_profile
+
+    path = ensure_profile(_built(name))  # the lab's own profile cache, before XDG moves
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # Volatility's cache
+    import volatility3.framework.symbols.linux.extensions.network  # noqa: F401 (plugins do)
+    from volatility3.framework import contexts
+    from volatility3.framework.symbols.linux import LinuxKernelIntermedSymbols
+
+    ctx = contexts.Context()
+    table = LinuxKernelIntermedSymbols(ctx, "config", "kernel", path.as_uri(), validate=False)
+    assert table.get_symbol("init_task").type_name.endswith("task_struct")
+    assert table.get_type("task_struct").size > 0
+    assert "pgd" in table.get_type("mm_struct").vol.members
+    assert table.get_symbol("linux_banner").address > 0

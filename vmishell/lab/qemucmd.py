@@ -6,7 +6,7 @@ Choices that matter for introspection:
 
 * guest RAM is a shared file in /dev/shm (`memory-backend-file,share=on`), so
   the host reads guest-physical memory live, file offset = physical address
-  (minus `phys_offset` on machines whose RAM does not start at 0);
+  minus `phys_offset` (0x40000000 on arm64 `virt`, whose RAM starts at 1 GiB);
 * QMP on a unix socket, for registers, pause/resume and ELF dumps, and a
   second QMP socket on which vmishell only listens for events (a guest reset,
   a shutdown), so a session knows at once that the kernel it found is gone;
@@ -163,7 +163,7 @@ def libvirt_domain_xml(
         for f in flags
         if f[:1] in "+-" and len(f) > 1
     )
-    arch = "x86_64" if spec.qemu_binary.endswith("x86_64") else "i686"
+    arch = {"i386": "i686"}.get(spec.arch, spec.arch)  # libvirt's names: x86_64, i686, aarch64
     domain_type = "kvm" if accel == "kvm" else "qemu"
     cmdline = kernel_cmdline(spec, extra_kernel_args)
     return f"""<domain type={quoteattr(domain_type)}>
