@@ -109,6 +109,19 @@ def test_the_ram_file_starts_at_physical_0x40000000(arm: Arm) -> None:
     ]
 
 
+def test_a_qmp_target_learns_the_virt_layout_from_qemu(arm: Arm) -> None:
+    """`qmp:SOCKET` asks QEMU where RAM is (memory tree, gpa2hva) and maps the shared file."""
+    from vmishell.sources.qemuproc import open_qmp
+
+    with open_qmp(arm.guest.qmp_path) as src:
+        assert isinstance(src, QemuRamSource)
+        assert [(r.start, r.end) for r in src.ranges()] == [
+            (r.start, r.end) for r in arm.source.ranges()
+        ]
+        paddr = arm.truth.marker_paddr
+        assert paddr is not None and src.read(paddr, len(MARKER)) == MARKER
+
+
 def test_the_guests_own_frame_numbers_find_its_marker_in_the_ram_file(arm: Arm) -> None:
     paddr = arm.truth.marker_paddr
     assert paddr is not None and paddr >= VIRT_RAM_BASE

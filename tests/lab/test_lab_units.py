@@ -304,6 +304,26 @@ def test_parse_registers() -> None:
         parse_x86_registers("nothing here")
 
 
+@pytest.mark.parametrize(
+    ("arch", "options", "needs"),
+    [
+        ("amd64", "CONFIG_KALLSYMS_ALL=y\nCONFIG_DEBUG_INFO_BTF=y\n", (False, False)),
+        ("arm64", "# CONFIG_KALLSYMS_ALL is not set\nCONFIG_DEBUG_INFO_BTF=y\n", (True, False)),
+        ("arm64", "CONFIG_KALLSYMS_ALL=y\nCONFIG_DEBUG_INFO_BTF=y\n", (False, False)),
+        ("i386", "# CONFIG_KALLSYMS_ALL is not set\n", (True, True)),
+        ("amd64", None, (False, False)),  # Debian 14's linux-binary-*: no config shipped
+        ("i386", None, (True, True)),
+    ],
+)
+def test_a_profile_takes_from_dbg_only_what_the_kernels_config_lacks(
+    arch: str, options: str | None, needs: tuple[bool, bool]
+) -> None:
+    """(System.map from -dbg, BTF from -dbg): bookworm arm64 needs only the System.map."""
+    from vmishell.lab.profiles import debug_needs
+
+    assert debug_needs(arch, options) == needs
+
+
 def test_parse_aarch64_registers() -> None:
     """QEMU 7.2's aarch64 `info registers` (vector registers cut): PC, SP, PSTATE, no TTBR."""
     text = (DATA / "info-registers-aarch64.txt").read_text()

@@ -189,9 +189,9 @@ def test_old_boot_protocol_finds_payload_by_magic() -> None:
 # -- other containers ----------------------------------------------------------------------
 
 
-def make_arm64_image(body: bytes) -> bytes:
+def make_arm64_image(body: bytes, flags: int = 0xA) -> bytes:
     header = bytearray(64)
-    struct.pack_into("<QQQ", header, 8, 0, 64 + len(body), 0xA)  # text_offset, size, flags (LE)
+    struct.pack_into("<QQQ", header, 8, 0, 64 + len(body), flags)  # text_offset, size, flags
     header[0x38:0x3C] = b"ARM\x64"
     return bytes(header) + body
 
@@ -210,6 +210,18 @@ def test_arm64_image_raw_gzip_and_zboot() -> None:
         assert image.btf == make_btf()
         assert image.banner == BANNER
         assert image.read_cstring(0xFFFF800008000000 + 164, text_base=0xFFFF800008000000) == BANNER
+
+
+@pytest.mark.parametrize(
+    ("flags", "page_size"), [(0xA, 4096), (0xC, 16384), (0xE, 65536), (0x8, None)]
+)
+def test_an_arm64_image_says_its_page_size_in_its_header(flags: int, page_size: int | None) -> None:
+    """Header flags bits 1-2: 1 = 4 KiB, 2 = 16 KiB, 3 = 64 KiB, 0 = unspecified."""
+    image = image_from_bytes(make_arm64_image(b"\0" * 100 + BANNER + b"\0" * 64, flags))
+    assert image.page_size == page_size
+    target = image.target()
+    assert target["arch"] == "aarch64" and target.get("page_size") == page_size
+    assert "va_bits" not in target  # only a package's config says it
 
 
 def make_zboot(image: bytes) -> bytes:

@@ -67,3 +67,9 @@ def test_an_arm64_4k_log_has_4_kib_pages_and_no_data_symbols() -> None:
 
 def test_a_log_without_a_page_size_means_4_kib() -> None:
     assert parse_truth((DATA / "serial-i386.log").read_text()).page_size == 4096
+
+
+def test_a_page_size_no_kernel_has_is_an_error() -> None:
+    text = (DATA / "serial-aarch64-16k.log").read_text()
+    with pytest.raises(LabError, match="page size 0"):
+        parse_truth(text.replace("@@vmi pagesize 16384", "@@vmi pagesize 0"))

@@ -261,6 +261,8 @@ def parse_truth(text: str, source: str = "serial log") -> GroundTruth:
                 meltdown = rest.strip()
             elif kind == "pagesize":
                 page_size = int(fields[0])
+                if page_size not in (4096, 16384, 65536):
+                    raise ValueError(f"page size {page_size} is none of 4, 16 or 64 KiB")
     except (ValueError, IndexError) as exc:
         raise LabError(f"{source}: malformed ground truth line: {exc}") from exc
 
