@@ -46,6 +46,7 @@ from vmishell.errors import (
     VmiError,
 )
 from vmishell.limits import Limits, TextBudget
+from vmishell.os.linux.arm64 import is_arm64, locate_arm64
 from vmishell.os.linux.guest import LinuxGuest
 from vmishell.os.linux.kernel import (
     KernelHints,
@@ -60,6 +61,7 @@ from vmishell.os.linux.vmcoreinfo import locate_by_vmcoreinfo, vmcoreinfo_of
 from vmishell.sources import open_image
 from vmishell.sources.base import PhysicalSource, Registers
 from vmishell.symbols.carve_cache import find_or_carve, is_carved
+from vmishell.symbols.placement import kernel_phys
 from vmishell.symbols.profile import Profile, load_profile
 from vmishell.symbols.verify import verify_profile
 
@@ -380,6 +382,8 @@ class Session:
             regs: Registers | None = source.registers()
         except VmiError:
             regs = None
+        if is_arm64(self.profile):
+            return self._locate_arm64(regs, after_reset=after_reset)
         accept = runs_on_cpu(source, self.profile, regs) if regs is not None else None
         found = self._locate_by_vmcoreinfo(regs, accept)
         if found is not None:
@@ -394,6 +398,25 @@ class Session:
                 raise
         # No candidate is mapped by this CR3 (a vCPU caught in firmware, say): take the first.
         return locate_kernel(source, self.profile, self.limits, regs=regs)
+
+    def _locate_arm64(self, regs: Registers | None, *, after_reset: bool) -> KernelLocation:
+        """An arm64 kernel: no register names its tables (QEMU 7.2 reports no TTBR), so
+        VMCOREINFO and the kernel image's own mapping decide (see `os.linux.arm64`);
+        after a reset the candidate must tick."""
+
+        def noted(info: object) -> None:
+            self.found_by = "VMCOREINFO"
+
+        self.found_by = "banner"
+        accept = ticks(self.source, self.profile) if after_reset else None
+        return locate_arm64(
+            self.source,
+            self.profile,
+            self.limits,
+            accept=accept,
+            regs=regs,
+            on_vmcoreinfo=noted,
+        )
 
     def _locate_by_vmcoreinfo(
         self, regs: Registers | None, accept: Callable[[KernelLocation], bool] | None
@@ -469,12 +492,13 @@ class Session:
             return
         old = self.guest.location
         try:
-            shifts = banner_candidates(
-                self.source, KernelHints.from_profile(self.profile), self.limits
-            )
+            hints = KernelHints.from_profile(self.profile)
+            shifts = banner_candidates(self.source, hints, self.limits)
         except VmiError:
             return
-        if shifts == [old.physical_shift]:
+        # Compared by where the banner lies: what a shift counts from is the locator's.
+        banners = [kernel_phys(hints.arch, hints.linux_banner, shift) for shift in shifts]
+        if banners == [old.banner_paddr]:
             return
         try:
             location = self._locate(after_reset=True)

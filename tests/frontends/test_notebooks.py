@@ -130,6 +130,14 @@ def test_page_tables(run_notebook) -> None:
     for n in (4, 5, 3):
         assert f"{n} levels" in text(outputs(nb, f"walk-{n}"), "text/html")
     assert "PML5" in text(outputs(nb, "walk-5")) and "PML5" not in text(outputs(nb, "walk-4"))
+    # arm64: the granule decides the levels; no register tells vmishell where the tables are.
+    assert ast.literal_eval(text(outputs(nb, "arm64-levels"))) == {"aarch64": 4, "aarch64-16k": 4}
+    four_k, sixteen_k = outputs(nb, "walk-arm64-4k"), outputs(nb, "walk-arm64-16k")
+    assert "TTBR0: 4 KiB granule, 48-bit VA" in text(four_k, "text/html")
+    assert "TTBR0: 16 KiB granule, 52-bit VA" in text(sixteen_k, "text/html")
+    assert "AP_EL0" in text(four_k) and "0x4000-byte page" in text(sixteen_k)
+    kernel = text(outputs(nb, "walk-arm64-kernel"))
+    assert "TTBR1" in kernel and "UXN" in kernel and "AP_EL0" not in kernel
 
 
 def test_monitoring(run_notebook) -> None:

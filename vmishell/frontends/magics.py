@@ -365,7 +365,7 @@ class VmiMagics(Magics):
         address = self._values(args.words, target.session, limit=1)[0]
         process = self._process(target, args.pid)
         walk = process.walk(address)
-        return WalkFrame.from_walk(walk, process.translator.mode.spec)
+        return WalkFrame.from_walk(walk, walk_spec(process.translator, address))
 
     # -- types -------------------------------------------------------------------------------
     @magic_arguments()
@@ -679,8 +679,20 @@ def empty_columns(df: Any) -> list[Any]:
 I386_USER_END = 0xC0000000
 
 
+def walk_spec(translator: Any, address: int) -> Any:
+    """What labels a walk diagram's levels: the x86 mode's spec, or on AArch64 the half
+    (TTBR0 or TTBR1) whose tables translate `address`."""
+    half_of = getattr(getattr(translator, "geometry", None), "half_of", None)
+    if not hasattr(translator, "mode") and callable(half_of):
+        return half_of(address)
+    mode = getattr(translator, "mode", None)
+    return getattr(mode, "spec", None)
+
+
 def is_user_address(process: Any, address: int) -> bool | None:
     """Whether `address` lies in the user half of the address space (None: unknown mode)."""
+    if hasattr(getattr(process, "translator", None), "halves"):
+        return not address >> 55 & 1  # AArch64: bit 55 picks TTBR0 (user) or TTBR1
     try:
         spec = process.translator.mode.spec
     except AttributeError:

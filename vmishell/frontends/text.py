@@ -7,8 +7,9 @@ here passes through `safe_text`, which makes control characters visible.
 from __future__ import annotations
 
 import re
+from enum import IntFlag
 
-from vmishell.arch import EntryFlags, Walk
+from vmishell.arch import Walk
 
 # C0 and C1 controls (ESC, CSI, OSC, BEL, ...) but tab and newline, DEL, line and
 # paragraph separators, bidi embeddings/overrides/isolates and marks, and the
@@ -54,9 +55,11 @@ def walk_table(walk: Walk) -> str:
     """A page walk as aligned text: one line per level, then the outcome."""
     lines = [f"{'level':<6} {'table':>18} {'index':>5} {'entry address':>18} {'entry':>18}  flags"]
     for step in walk.steps:
+        detail = getattr(step, "detail", "")
         lines.append(
             f"{step.level:<6} {step.table:#18x} {step.index:5d} {step.entry_address:#18x} "
             f"{step.entry:#18x}  {flag_names(step.flags) if step.present else 'not present'}"
+            + (f"  ({detail})" if detail else "")
         )
     if walk.translation is not None:
         t = walk.translation
@@ -66,6 +69,9 @@ def walk_table(walk: Walk) -> str:
     return "\n".join(lines)
 
 
-def flag_names(flags: EntryFlags) -> str:
-    """Entry flags as `WRITABLE|USER|ACCESSED` (PRESENT is implied by being shown)."""
-    return "|".join(f.name or "" for f in EntryFlags if f in flags and f is not EntryFlags.PRESENT)
+def flag_names(flags: IntFlag) -> str:
+    """Entry flags as `WRITABLE|USER|ACCESSED` (x86) or `PAGE|AF|UXN` (arm64); PRESENT and
+    VALID are implied by being shown."""
+    return "|".join(
+        f.name or "" for f in type(flags) if f and f in flags and f.name not in ("PRESENT", "VALID")
+    )

@@ -11,20 +11,31 @@ are plain GuestFrames.
 from __future__ import annotations
 
 import html
+from enum import IntFlag
 from typing import Any, ClassVar
 
 from vmishell.arch import Walk
 from vmishell.arch.modes import ModeSpec
-from vmishell.arch.results import EntryFlags, WalkStep
+from vmishell.arch.results import WalkStep
 from vmishell.frontends.frames import HEX_KEY, GuestFrame, frame_html, frame_text
 
 WALK_COLUMNS = ["level", "table", "index", "entry_address", "entry", "flags", "next"]
+#: AArch64 walks add the descriptor spelled out (kind, AP, attributes, hints).
+DETAIL_COLUMN = "descriptor"
 _HEX = ["table", "entry_address", "entry", "next"]
+#: Flags every shown entry has (x86 PRESENT, arm64 VALID): left out of diagrams.
+_IMPLIED = ("PRESENT", "VALID")
 
 
-def flag_names(flags: EntryFlags) -> str:
-    """Flag names like PRESENT|WRITABLE|USER in bit order (empty for a non-present entry)."""
-    return "|".join(f.name or "" for f in EntryFlags if f in flags)
+def flag_names(flags: IntFlag) -> str:
+    """Flag names like PRESENT|WRITABLE|USER (x86) or VALID|PAGE|AF|UXN (arm64) in their
+    declared order (empty for a non-present entry)."""
+    return "|".join(f.name or "" for f in type(flags) if f and f in flags)
+
+
+def _shown_flags(flags: IntFlag) -> str:
+    shown = (f for f in type(flags) if f and f in flags and f.name not in _IMPLIED)
+    return "|".join(f.name or "" for f in shown)
 
 
 def _row(step: WalkStep) -> tuple[Any, ...]:
@@ -37,6 +48,10 @@ def _row(step: WalkStep) -> tuple[Any, ...]:
         flag_names(step.flags),
         step.target if step.present else None,
     )
+
+
+def _detail(step: WalkStep) -> str:
+    return getattr(step, "detail", "") or ""
 
 
 def outcome(walk: Walk) -> str:
@@ -58,8 +73,16 @@ class WalkFrame(GuestFrame):
         return GuestFrame
 
     @classmethod
-    def from_walk(cls, walk: Walk, mode: ModeSpec | None = None) -> WalkFrame:
-        frame = cls([_row(s) for s in walk.steps], columns=WALK_COLUMNS)
+    def from_walk(cls, walk: Walk, mode: ModeSpec | Any | None = None) -> WalkFrame:
+        """`mode` has the levels (name, shift, bits) the diagram labels: an x86 ModeSpec,
+        or the AArch64 half (`HalfSpec`) the address lies in."""
+        if any(_detail(s) for s in walk.steps):
+            frame = cls(
+                [(*_row(s), _detail(s)) for s in walk.steps],
+                columns=[*WALK_COLUMNS, DETAIL_COLUMN],
+            )
+        else:
+            frame = cls([_row(s) for s in walk.steps], columns=WALK_COLUMNS)
         frame.attrs[HEX_KEY] = list(_HEX)
         frame.walk = walk
         frame.mode = mode
@@ -90,7 +113,7 @@ _BOX = (
 _COLORS = ["#e3f2fd", "#e8f5e9", "#fff3e0", "#f3e5f5", "#fce4ec", "#e0f7fa"]
 
 
-def _bits(mode: ModeSpec | None, level: str) -> str:
+def _bits(mode: ModeSpec | Any | None, level: str) -> str:
     if mode is None:
         return ""
     for lvl in mode.levels:
@@ -99,7 +122,14 @@ def _bits(mode: ModeSpec | None, level: str) -> str:
     return ""
 
 
-def walk_html(walk: Walk, mode: ModeSpec | None = None) -> str:
+def _mode_text(mode: ModeSpec | Any | None) -> str:
+    if mode is None:
+        return ""
+    describe = getattr(mode, "describe", None)
+    return describe() if callable(describe) else str(mode.name)
+
+
+def walk_html(walk: Walk, mode: ModeSpec | Any | None = None) -> str:
     """A diagram: the address split into indices, then table → entry → … → page."""
     esc = html.escape
     parts = []
@@ -119,9 +149,12 @@ def walk_html(walk: Walk, mode: ModeSpec | None = None) -> str:
         color = _COLORS[i % len(_COLORS)]
         if step.present:
             what = f"page {step.target:#x}" if step.leaf else f"table {step.target:#x}"
-            flags = esc(flag_names(step.flags).replace("PRESENT|", ""))
+            flags = esc(_shown_flags(step.flags))
         else:
             what, flags = "not present", ""
+        detail = _detail(step)
+        if detail:
+            flags += f"<br><small>{esc(detail)}</small>"
         chain.append(
             f'<span style="{_BOX};background:{color}"><b>{esc(step.level)}</b> entry '
             f"{step.entry:#x}<br><small>{flags}</small></span> → "
@@ -131,7 +164,7 @@ def walk_html(walk: Walk, mode: ModeSpec | None = None) -> str:
         chain.append(f' → <span style="{_BOX};background:#c8e6c9"><b>{t.paddr:#x}</b></span>')
     elif walk.fault is not None:
         chain.append(f' <span style="color:#b00">✗ {esc(str(walk.fault))}</span>')
-    mode_name = f" ({esc(mode.name)})" if mode is not None else ""
+    mode_name = f" ({esc(_mode_text(mode))})" if mode is not None else ""
     return (
         '<div class="vmishell-walk" style="margin-bottom:6px">'
         f"<div><b>walk of {walk.vaddr:#x}</b>{mode_name}: {len(walk.steps)} levels</div>"

@@ -8,9 +8,11 @@ from vmishell.arch import AddressSpace, PagingMode, Translator
 from vmishell.arch.registers import PTI_USER_PGD_BIT
 from vmishell.errors import GuestDataError, VmiError
 from vmishell.limits import Limits, TextBudget
+from vmishell.os.linux.arm64 import Arm64Paging, arm64_translator
 from vmishell.os.linux.cpu import KernelCpu, kernel_cpu
-from vmishell.os.linux.kernel import KernelLocation, locate_kernel
+from vmishell.os.linux.kernel import KernelLocation
 from vmishell.os.linux.layout import maple_layout, mm_layout, task_layout, vma_layout
+from vmishell.os.linux.locate import locate
 from vmishell.os.linux.reader import KernelReader, decode_guest_string
 from vmishell.os.linux.tasks import Task, TaskWalker
 from vmishell.os.linux.vmas import Vma, VmaWalker
@@ -36,7 +38,7 @@ class LinuxGuest:
         self.source = source
         self.profile = profile
         self.limits = limits or Limits()
-        self.location = location or locate_kernel(source, profile, self.limits)
+        self.location = location or locate(source, profile, self.limits)
         #: MAXPHYADDR and PTI as the kernel found them at boot (see `cpu`).
         self.cpu: KernelCpu = kernel_cpu(source, profile, self.location)
         self.kernel_translator = self.translator(self.location.dtb)
@@ -57,7 +59,14 @@ class LinuxGuest:
             self.limits,
             special,
             kernel_start=self.location.page_offset,
+            page_shift=self.page_size.bit_length() - 1,
         )
+
+    @property
+    def page_size(self) -> int:
+        """The kernel's PAGE_SIZE: the arm64 granule, 4 KiB on x86."""
+        mode = self.location.mode
+        return mode.granule if isinstance(mode, Arm64Paging) else 4096
 
     def symbol(self, name: str) -> int:
         """Run-time virtual address of a kernel symbol."""
@@ -118,7 +127,17 @@ class LinuxGuest:
 
         `dtb` and the translations are in the space page tables address (see
         `vmishell.sources.framespace`): machine addresses for a Xen PV guest.
+        On arm64 `dtb` is the space's TTBR0 beside the kernel's TTBR1 (see
+        `arm64`); the kernel's own table stands for a space with no user half.
         """
+        if isinstance(self.location.mode, Arm64Paging):
+            return arm64_translator(  # type: ignore[return-value]
+                walk_source(self.source),
+                self.location.mode,
+                None if dtb == self.location.dtb else dtb,
+                self.location.dtb,
+                max_mapping_work=self.limits.max_mapping_work,
+            )
         return Translator(
             walk_source(self.source),
             dtb,

@@ -70,6 +70,7 @@ class VmaWalker:
         limits: Limits,
         special_mapping_ops: frozenset[int] = frozenset(),
         kernel_start: int | None = None,
+        page_shift: int = 12,
     ) -> None:
         self.r = reader
         self.mm = mm
@@ -79,6 +80,8 @@ class VmaWalker:
         self.special_mapping_ops = special_mapping_ops
         #: The lowest address a kernel object can have (i386: PAGE_OFFSET).
         self.kernel_start = kernel_start or default_kernel_start(reader.pointer_size)
+        #: log2(PAGE_SIZE): vm_pgoff counts the kernel's pages (16 KiB on arm64-16k).
+        self.page_shift = page_shift
 
     # -- finding the VMA structures --------------------------------------------------
     def vma_addresses(self, mm: int) -> list[int]:
@@ -207,7 +210,7 @@ class VmaWalker:
             offset = 0
             try:
                 if file:
-                    offset = pgoff << 12
+                    offset = pgoff << self.page_shift
                     path, device, inode = files.identity(file)
                 elif self._is_special(raw):
                     assert v.vm_private_data is not None

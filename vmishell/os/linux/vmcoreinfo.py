@@ -73,6 +73,17 @@ class VmcoreInfo:
     def number(self, name: str) -> int | None:
         return self._int(f"NUMBER({name})", 10)
 
+    def value(self, key: str) -> int | None:
+        """An entry written either way the kernel does: "0x..." hex, or decimal.
+
+        arm64 prints NUMBER(kimage_voffset) and NUMBER(TCR_EL1_T1SZ) as 0x-prefixed
+        hex but NUMBER(VA_BITS) and PAGESIZE as decimal.
+        """
+        text = self.entries.get(key)
+        if text is None:
+            return None
+        return self._int(key, 16 if text[:2].lower() == "0x" else 10)
+
 
 def vmcoreinfo_of(source: PhysicalSource) -> VmcoreInfo | None:
     """The source's VMCOREINFO (dumps that carry the note), else None."""
@@ -81,6 +92,27 @@ def vmcoreinfo_of(source: PhysicalSource) -> VmcoreInfo | None:
         return None
     info = VmcoreInfo.parse(text)
     return info if info.entries else None
+
+
+def vmcoreinfo_at(source: PhysicalSource, paddr: int, release: str | None) -> VmcoreInfo | None:
+    """The VMCOREINFO text the kernel keeps in the page at `paddr`, if it is there.
+
+    The page must start with OSRELEASE= naming `release` (when given): a
+    pointer read from guest memory may lead anywhere.
+    """
+    if paddr % 4096:
+        return None
+    try:
+        raw = source.read(paddr, 4096)
+    except VmiError:
+        return None
+    text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    if not text.startswith("OSRELEASE="):
+        return None
+    info = VmcoreInfo.parse(text)
+    if release is not None and info.release != release:
+        return None
+    return info
 
 
 def locate_by_vmcoreinfo(
@@ -142,4 +174,4 @@ def locate_by_vmcoreinfo(
     return KernelLocation("x86_64", mode, dtb, physical_shift, slide, banner_paddr, regs)
 
 
-__all__ = ["VmcoreInfo", "locate_by_vmcoreinfo", "vmcoreinfo_of"]
+__all__ = ["VmcoreInfo", "locate_by_vmcoreinfo", "vmcoreinfo_at", "vmcoreinfo_of"]
