@@ -84,8 +84,11 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         if len(payload) > bounds.max_bytes:
             msg = f"answer of {len(payload)} bytes is over Bounds.max_bytes ({bounds.max_bytes})"
             payload = pickle.dumps(("error", "OutputTooLarge", msg, 0.0), protocol=5)
-        out.write(_HEADER.pack(len(payload)) + payload)
-        out.flush()
+        try:
+            out.write(_HEADER.pack(len(payload)) + payload)
+            out.flush()
+        except BrokenPipeError:  # the worker died meanwhile: nobody to answer
+            return
 
 
 class Sandbox:
