@@ -11,7 +11,8 @@ import sys
 from typing import Any
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.process import arg_split
 
 from vmishell.fleet.errors import FleetError
 
@@ -24,7 +25,8 @@ class FleetMagics(Magics):
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
-        self.fleet: Any = None
+        #: The fleet of the last sweep (`%fleet errors` shows its errors).
+        self.last: Any = None
         self._client: Any = None
         self._cluster_key: tuple[Any, ...] | None = None
 
@@ -38,8 +40,8 @@ class FleetMagics(Magics):
             self._client, self._cluster = connect(args.scheduler, n_workers=args.workers)
             self._cluster_key = key
             show_dashboard(self._client)
-        self.fleet = Fleet(targets, client=self._client, timeout=args.timeout)
-        return self.fleet
+        self.last = Fleet(targets, client=self._client, timeout=args.timeout)
+        return self.last
 
     def close(self) -> None:
         if self._client is not None:
@@ -64,11 +66,12 @@ class FleetMagics(Magics):
     @line_magic
     def fleet(self, line: str = "") -> Any:
         """Ask many guests and images at once; e.g. `%fleet ps -n sshd lab:a images/*.raw`."""
-        args = parse_argstring(self.fleet, line)
+        # Options may come after the targets (`%fleet ps lab:a -n sshd`): intermixed.
+        args = self.fleet.parser.parse_intermixed_args(arg_split(line))
         if args.action == "errors":
-            if self.fleet is None:
+            if self.last is None:
                 raise FleetError("no fleet sweep yet")
-            return self.fleet.errors
+            return self.last.errors
         words = list(args.words)
         first = words.pop(0) if args.action != "ps" and words else None
         if not words:
