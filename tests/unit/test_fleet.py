@@ -150,3 +150,33 @@ def test_each_fleet_instance_runs_its_own_scenario() -> None:
     assert all(comm_of(k) in scripts[k - 1] and len(comm_of(k)) <= 15 for k in (1, 2, 3))
     with pytest.raises(errors.LabError):
         instance_names("web", 0)
+
+
+# -- the sweep's bookkeeping ----------
+def test_batches_keep_order_size_and_placement() -> None:
+    from vmishell.fleet.core import _batches
+
+    anywhere = [(Target(f"img/{i}"), b"") for i in range(5)]
+    placed = [(Target("lab:a", workers=("hv1",)), b""), (Target("lab:b", workers=("hv1",)), b"")]
+    batches = _batches([*anywhere, *placed], 2)
+    assert [[t.spec for t, _ in b] for b in batches] == [
+        ["img/0", "img/1"],
+        ["img/2", "img/3"],
+        ["img/4"],
+        ["lab:a", "lab:b"],
+    ]
+    assert len(_batches(anywhere, 1)) == 5
+
+
+def test_what_dask_reports_for_a_failed_task_becomes_an_error_row() -> None:
+    from vmishell.fleet.core import _outcome
+
+    class KilledWorker(Exception):  # stands for distributed's, which needs a live worker
+        pass
+
+    lost = _outcome("lab:a", KilledWorker("task"), KilledWorker)
+    assert (lost.target, lost.error_type) == ("lab:a", "WorkerLost")
+    failed = _outcome("lab:b", (RuntimeError, RuntimeError("boom"), None), KilledWorker)
+    assert (failed.error_type, failed.error) == ("RuntimeError", "boom")
+    mine = Outcome("lab:c", answer=pd.DataFrame())
+    assert _outcome("lab:c", mine, KilledWorker) is mine

@@ -19,7 +19,7 @@ from vmishell.fleet.bounds import Bounds
 from vmishell.fleet.cluster import connect, dashboard_link, show_dashboard
 from vmishell.fleet.errors import FleetError, WorkerLost
 from vmishell.fleet.targets import Target, TargetLike, expand
-from vmishell.fleet.task import Outcome, run_target, warm
+from vmishell.fleet.task import Outcome, run_batch, warm
 
 if TYPE_CHECKING:
     from vmishell.session import Session
@@ -39,9 +39,40 @@ def progress_bar(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, unit="target", desc="fleet", leave=False)
 
 
+def _outcome(spec: str, result: Any, killed: type[BaseException]) -> Outcome:
+    """A task's result as an Outcome: its own, or the failure Dask reported for it."""
+    if isinstance(result, Outcome):
+        return result
+    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], BaseException):
+        result = result[1]  # (type, exception, traceback), as Dask hands back a failed task
+    if isinstance(result, killed):
+        lost = WorkerLost(f"the worker running it died, also on the retry: {result}")
+        return Outcome(spec, error_type=type(lost).__name__, error=str(lost))
+    if isinstance(result, BaseException):
+        return Outcome(spec, error_type=type(result).__name__, error=str(result))
+    return Outcome(spec, error_type="FleetError", error=f"a task returned {type(result).__name__}")
+
+
+def _batches(jobs: list[tuple[Target, bytes]], size: int) -> list[list[tuple[Target, bytes]]]:
+    """Consecutive jobs of the same placement, `size` at most per batch."""
+    out: list[list[tuple[Target, bytes]]] = []
+    for job in jobs:
+        last = out[-1] if out else None
+        place = (job[0].workers, job[0].resources)
+        if last and len(last) < size and (last[0][0].workers, last[0][0].resources) == place:
+            last.append(job)
+        else:
+            out.append([job])
+    return out
+
+
 class Fleet:
     """Many targets, one question at a time: each method returns one DataFrame with a
     `target` column; targets that gave no answer are rows of `errors` instead.
+
+    Each target is one Dask task by default, so a worker that dies loses only the
+    target it was on; `batch=k` sends k targets per task (less scheduling per
+    target for many small images, but a dying worker then loses its whole batch).
 
     `scheduler` is a Dask scheduler address (default: DASK_SCHEDULER_ADDRESS, else a
     local cluster of `n_workers` processes, started on first use); or pass a `client`.
@@ -58,10 +89,13 @@ class Fleet:
         timeout: float = DEFAULT_TIMEOUT,
         bounds: Bounds | None = None,
         progress: bool | None = None,
+        batch: int = 1,
     ) -> None:
         self.targets, self._problems = expand(targets)
         if not self.targets and not self._problems:
             raise FleetError("a fleet needs at least one target")
+        if batch < 1:
+            raise FleetError(f"a batch holds at least one target, not {batch}")
         if timeout <= 0:
             raise FleetError(f"the per-target timeout must be positive, not {timeout}")
         self.scheduler = scheduler
@@ -70,6 +104,7 @@ class Fleet:
         self.timeout = timeout
         self.bounds = bounds or Bounds()
         self.progress = progress
+        self.batch = batch
         self._client = client
         self._cluster: Any = None
         self._owns_client = client is None
@@ -165,49 +200,55 @@ class Fleet:
             for spec, msg in self._problems.items()
         }
         client = self.client
-        futures: dict[Any, str] = {}
-        tag = uuid.uuid4().hex[:8]
-        for i, target in enumerate(self.targets):
+        jobs: list[tuple[Target, bytes]] = []
+        for target in self.targets:
             options = options_of(target)
             if options is None:
                 done[target.spec] = Outcome(
                     target.spec, error_type="FleetError", error=f"no {question} input for it"
                 )
-                continue
+            else:
+                jobs.append((target, cloudpickle.dumps(options)))
+        futures: dict[Any, list[str]] = {}
+        tag = uuid.uuid4().hex[:8]
+        for i, batch in enumerate(_batches(jobs, self.batch)):
+            first = batch[0][0]
             future = client.submit(
-                run_target,
-                target.spec,
+                run_batch,
+                [(t.spec, blob) for t, blob in batch],
                 question,
-                cloudpickle.dumps(options),
                 self.profile,
                 self.bounds,
                 self.timeout,
                 key=f"vmishell-{question}-{tag}-{i}",
-                workers=list(target.workers) if target.workers else None,
-                resources=dict(target.resources) if target.resources else None,
+                workers=list(first.workers) if first.workers else None,
+                resources=dict(first.resources) if first.resources else None,
                 allow_other_workers=False,
                 retries=1,
                 pure=False,
             )
-            futures[future] = target.spec
-        bar = progress_bar(len(futures), self.progress)
+            futures[future] = [t.spec for t, _ in batch]
+        bar = progress_bar(len(jobs), self.progress)
         try:
-            for future in as_completed(list(futures)):
-                spec = futures[future]
-                try:
-                    done[spec] = future.result()
-                except KilledWorker as exc:
-                    lost = WorkerLost(f"the worker running it died, also on the retry: {exc}")
-                    done[spec] = Outcome(spec, error_type=type(lost).__name__, error=str(lost))
-                except Exception as exc:  # the fleet boundary: a task that failed in Dask
-                    done[spec] = Outcome(spec, error_type=type(exc).__name__, error=str(exc))
+            # Results come with their futures (fetched as they finish, not one round trip
+            # each); a failed task's result is its exception.
+            for future, result in as_completed(
+                list(futures), with_results=True, raise_errors=False
+            ):
+                specs = futures[future]
+                answers = result if isinstance(result, list) else [result] * len(specs)
+                for spec, answer in zip(specs, answers, strict=True):
+                    done[spec] = _outcome(spec, answer, KilledWorker)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(specs))
         finally:
             if bar is not None:
                 bar.close()
             for future in futures:
                 future.release()
+        for specs in futures.values():  # a task Dask cancelled (the client went away)
+            for spec in specs:
+                done.setdefault(spec, Outcome(spec, error_type="FleetError", error="cancelled"))
         order = [t.spec for t in self.targets] + list(self._problems)
         return [done[spec] for spec in order if spec in done]
 

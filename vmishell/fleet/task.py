@@ -84,9 +84,20 @@ def run_target(
     return out
 
 
+def run_batch(
+    jobs: list[tuple[str, bytes]],
+    question: str,
+    profile: str | None = None,
+    bounds: Bounds | None = None,
+    timeout: float = 600.0,
+) -> list[Outcome]:
+    """`run_target` for several (target, options) in one Dask task, one after another."""
+    return [run_target(t, question, options, profile, bounds, timeout) for t, options in jobs]
+
+
 def warm(profile: str | None = None) -> float:
     """Start this worker's sandbox and wait until it has imported vmishell (seconds)."""
     return run_target("-", "ping", b"", profile, timeout=120.0).wall
 
 
-__all__ = ["Outcome", "run_target", "warm"]
+__all__ = ["Outcome", "run_batch", "run_target", "warm"]
