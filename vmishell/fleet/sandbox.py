@@ -99,11 +99,15 @@ class Sandbox:
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self.proc is None or self.proc.poll() is not None:
+            # Dask's nanny gives workers MALLOC_TRIM_THRESHOLD_=65536 (to hand memory back
+            # between tasks); inherited, it made each attach 1.3-2x slower here (measured).
+            env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vmishell.fleet.child"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,
+                env=env,
             )
         return self.proc
 
