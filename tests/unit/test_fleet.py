@@ -180,3 +180,24 @@ def test_what_dask_reports_for_a_failed_task_becomes_an_error_row() -> None:
     assert (failed.error_type, failed.error) == ("RuntimeError", "boom")
     mine = Outcome("lab:c", answer=pd.DataFrame())
     assert _outcome("lab:c", mine, KilledWorker) is mine
+
+
+def test_lab_up_count_boots_named_instances_each_with_its_scenario(monkeypatch, capsys) -> None:
+    """The CLI's wiring only: `runner.up` is recorded (booting is the lab tests' part)."""
+    from types import SimpleNamespace
+
+    from vmishell.cli import main
+    from vmishell.lab import runner
+
+    booted: list[tuple[str, str]] = []
+
+    def up(guest: str, name: str, *, init_script: Path, **_: object) -> SimpleNamespace:
+        booted.append((name, Path(init_script).read_text()))
+        spec = SimpleNamespace(name=guest)
+        return SimpleNamespace(name=name, spec=spec, boot_seconds=1.0, pid=1)
+
+    monkeypatch.setattr(runner, "up", up)
+    assert main(["lab", "up", "x86_64", "--count", "2", "--name", "web"]) == 0
+    assert [name for name, _ in booted] == ["web-1", "web-2"]
+    assert [script for _, script in booted] == [scenario(1), scenario(2)]
+    assert "lab:web-2" in capsys.readouterr().out

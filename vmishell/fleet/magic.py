@@ -73,7 +73,7 @@ class FleetMagics(Magics):
                 raise FleetError("no fleet sweep yet")
             return self.last.errors
         words = list(args.words)
-        first = words.pop(0) if args.action != "ps" and words else None
+        first = words.pop(0) if args.action != "ps" and words else ""
         if not words:
             raise FleetError(f"%fleet {args.action} needs targets")
         fleet = self._fleet_for(args, words)
@@ -86,7 +86,7 @@ class FleetMagics(Magics):
         elif args.action == "maps":
             df = fleet.maps(int(first, 0) if first[:1].isdigit() else first)
         else:
-            fn = self.shell.user_ns.get(first)
+            fn = self.shell.user_ns.get(first) if self.shell is not None else None
             if not callable(fn):
                 raise FleetError(f"%fleet run: {first!r} is not a function of this namespace")
             df = fleet.run(fn)

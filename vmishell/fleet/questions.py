@@ -122,7 +122,7 @@ def bound_answer(answer: Any, bounds: Bounds) -> tuple[Any, list[str]]:
 
     if isinstance(answer, Snapshot):
         notes = []
-        changes = {}
+        changes: dict[str, Any] = {}
         for name in ("processes", "threads", "maps", "hashes"):
             rows, cut = _bound_rows(getattr(answer, name), bounds)
             changes[name] = rows
