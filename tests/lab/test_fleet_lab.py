@@ -89,9 +89,12 @@ def sweep(client, x86_64_guest, second, images):
     return fleet, frame
 
 
-def test_the_workers_are_separate_processes(client) -> None:
+def test_the_workers_are_separate_processes_with_a_dashboard(client) -> None:
+    from vmishell.fleet.cluster import dashboard_link
+
     pids = client.run(os.getpid)
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    assert (dashboard_link(client) or "").startswith("http://")
 
 
 def test_images_answer_exactly_what_a_plain_session_answers(sweep, images) -> None:

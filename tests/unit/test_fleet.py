@@ -201,3 +201,25 @@ def test_lab_up_count_boots_named_instances_each_with_its_scenario(monkeypatch, 
     assert [name for name, _ in booted] == ["web-1", "web-2"]
     assert [script for _, script in booted] == [scenario(1), scenario(2)]
     assert "lab:web-2" in capsys.readouterr().out
+
+
+def test_the_dashboard_link_is_shown_in_jupyter_only(monkeypatch) -> None:
+    import IPython
+    import IPython.display
+
+    from vmishell.fleet.cluster import show_dashboard
+
+    class ZMQInteractiveShell:  # what a Jupyter kernel's shell is called
+        pass
+
+    class Client:
+        dashboard_link = "http://127.0.0.1:8787/status"
+
+    shown: list[str] = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj.data))
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    show_dashboard(Client())
+    assert shown == []  # a terminal: the progress bar, no link
+    monkeypatch.setattr(IPython, "get_ipython", ZMQInteractiveShell)
+    show_dashboard(Client())
+    assert len(shown) == 1 and 'href="http://127.0.0.1:8787/status"' in shown[0]
