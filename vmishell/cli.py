@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vmishell.lab.fetch",
     "vmishell.frontends.cli",
     "vmishell.search.cli",
+    "vmishell.fleet.cli",
 )
 
 

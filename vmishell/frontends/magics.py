@@ -783,6 +783,9 @@ def load(ip: InteractiveShell) -> VmiMagics:
     assert manager is not None
     magics = VmiMagics(ip)
     ip.register_magics(magics)
+    from vmishell.fleet.magic import load as load_fleet
+
+    load_fleet(ip)  # %fleet: its own Magics (it holds a Dask client, not attached targets)
     options = {
         name: sorted(o for a in func.parser._actions for o in a.option_strings)
         for name, func in magics.magics["line"].items()
@@ -813,6 +816,10 @@ def unload(ip: InteractiveShell) -> None:
     """Undo `load`: detach every target (stopping watches), remove magics and hooks."""
     manager = ip.magics_manager
     assert manager is not None
+    fleet = manager.registry.pop("FleetMagics", None)
+    if fleet is not None:
+        fleet.close()
+        manager.magics["line"].pop("fleet", None)
     magics = manager.registry.pop(VmiMagics.__name__, None)
     if isinstance(magics, VmiMagics):
         magics.attached.detach_all()

@@ -40,6 +40,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         from vmishell.lab.xen.cli import cmd_up
 
         return cmd_up(args)
+    if args.count is not None:
+        return _cmd_up_fleet(args)
     guest = runner.up(
         args.guest,
         args.name,
@@ -62,6 +64,29 @@ def _cmd_up(args: argparse.Namespace) -> int:
         f"  attach {guest.target}\n"
         f"  serial {guest.serial_log}"
     )
+    return 0
+
+
+def _cmd_up_fleet(args: argparse.Namespace) -> int:
+    from vmishell.lab.fleet import comm_of, up_fleet
+
+    guests = up_fleet(
+        args.guest,
+        args.name,
+        args.count,
+        memory_mb=args.memory or DEFAULT_MEMORY_MB,
+        init_script=args.init,
+        accel=args.accel,
+        timeout=args.timeout,
+        progress=_progress,
+        plain=args.plain,
+        vmcoreinfo=args.vmcoreinfo,
+    )
+    for k, guest in enumerate(guests, 1):
+        print(
+            f"{guest.name}: {guest.spec.name} ready in {guest.boot_seconds} s  pid {guest.pid}"
+            f"  attach lab:{guest.name}  scenario: {k} x {comm_of(k)}"
+        )
     return 0
 
 
@@ -135,6 +160,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="boot a guest in the background and wait until ready")
     p.add_argument("guest", choices=[*GUESTS, "xen"], help="a lab guest, or xen: a Xen host")
     p.add_argument("--name", help="instance name (default: the guest's name)")
+    p.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help="boot a fleet: N instances NAME-1..NAME-N, instance k running k processes "
+        "named busybox-flK (a different scenario each)",
+    )
     p.add_argument("--memory", type=int, metavar="MB", help=f"default {DEFAULT_MEMORY_MB}")
     p.add_argument(
         "--init",
