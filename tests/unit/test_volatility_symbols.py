@@ -13,8 +13,6 @@ import base64
 import json
 from pathlib import Path
 
-import pytest
-
 from vmishell.interop import volatility as vol
 
 BANNER = b"Linux version 6.1.0-57-amd64 (test) #1 SMP\n\x00"
