@@ -28,7 +28,8 @@ from vmishell.symbols.profile import load_profile
 
 pytestmark = pytest.mark.lab
 
-GUESTS = ["x86_64", "x86_64-la57"]
+#: aarch64-16k: trixie's 16 KiB-page arm64 kernel (BTF and KALLSYMS_ALL), 52-bit VA.
+GUESTS = ["x86_64", "x86_64-la57", "aarch64-16k"]
 
 
 def nothing_prepared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -89,11 +90,12 @@ def _sections(isf: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in isf.items() if k != "metadata"}
 
 
+@pytest.mark.parametrize("guest_name", ["x86_64", "aarch64-16k"])
 def test_the_carved_isf_equals_the_one_built_from_the_kernels_deb(
-    lab_guest, tmp_path: Path
+    lab_guest, guest_name: str, tmp_path: Path
 ) -> None:
-    guest = lab_guest("x86_64")
-    built = build_guest("x86_64")
+    guest = lab_guest(guest_name)
+    built = build_guest(guest_name)
     (tmp_path / "deb").mkdir()
     from_deb = profiles.build_lab_profile(built, tmp_path / "deb")
     deb_isf = json.loads(lzma.decompress(from_deb.read_bytes()))
@@ -121,6 +123,20 @@ def test_an_i386_guest_without_btf_is_told_what_is_missing(
         Session.lab(guest.name)
     message = str(err.value)
     assert "no BTF" in message and "vmishell profile fetch" in message
+
+
+def test_an_arm64_kernel_without_kallsyms_all_is_told_to_use_its_package(
+    lab_guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian 12's arm64 kernel has BTF, but its kallsyms lists functions only."""
+    from vmishell.errors import ProfileError
+
+    guest = lab_guest("aarch64")
+    nothing_prepared(tmp_path, monkeypatch)
+    with pytest.raises(ProfileError) as err:
+        Session.lab(guest.name)
+    message = str(err.value)
+    assert "CONFIG_KALLSYMS_ALL" in message and "vmishell profile fetch" in message
 
 
 def test_profile_fetch_builds_the_i386_profile_from_the_banners_package_and_attach_works(
