@@ -59,62 +59,88 @@ def _cli(*args: str, stdin: bytes = b"", timeout: float = 900) -> subprocess.Com
     )
 
 
-@pytest.fixture(scope="module")
-def xen(tmp_path_factory: pytest.TempPathFactory):
-    """The booted host, its DomUs' ground truth and what vmishell in dom0 reported."""
+class Unavailable(Exception):
+    """The Xen lab cannot run here (a skip on a developer's machine, a failure under CI)."""
+
+
+def _instance() -> str:
+    return f"t-{os.getpid()}-xen"
+
+
+def boot_in_background(workdir: Path) -> SimpleNamespace:
+    """Boot the host and its DomUs and collect dom0's report (tests/conftest.py runs
+    this in a thread from the session's start, while the tests that boot nothing run:
+    the host needs one CPU for several minutes, mostly waiting for the HVM DomU)."""
     import shutil
 
-    from vmishell.lab.runner import down
     from vmishell.lab.xen import domu
     from vmishell.lab.xen.host import up_host
 
     if shutil.which("qemu-system-x86_64") is None:
-        _unavailable("qemu-system-x86_64 is not installed")
-    name = f"t-{os.getpid()}-xen"
+        raise Unavailable("qemu-system-x86_64 is not installed")
+    name = _instance()
     timings: dict[str, float | None] = {}
     started = time.monotonic()
     try:
         host = up_host(name)
     except VmiError as exc:
-        _unavailable(str(exc))
+        raise Unavailable(str(exc)) from exc
+    timings["dom0"] = host.boot_seconds
+    # The user's own kernel and initramfs, somewhere dom0 sees them only via /host.
+    own = workdir / "own-domu"
+    own.mkdir()
+    lab = domu.lab_domu("pv64")
+    for src in (lab.kernel, lab.initrd):
+        shutil.copy(src, own / Path(str(src)).name)
+    specs = [domu.lab_domu(n) for n in LAB_DOMUS]
+    domus = domu.create(host, specs, wait=False)
+    waiting = threading.Thread(target=domu.wait_ready, args=(host, domus), daemon=True)
+    waiting.start()
+    created = _cli(
+        "lab", "xen", "create", USER_DOMU, "--host", name, "--type", "pv",
+        "--kernel", str(own / "vmlinuz"), "--initrd", str(own / "initramfs.cpio.gz"),
+        "--lab-guest", "x86_64",
+    )  # fmt: skip
+    report = host.report(DOMUS, "--wait", "600", "--bad-input", "--end", USER_DOMU)
+    waiting.join(timeout=600)
+    domu.wait_ready(host, domus)  # what the thread did not see, with its error if any
+    for d in domus:
+        timings[d.name] = domu.get(host, d.name).ready_seconds
+    timings[USER_DOMU] = domu.get(host, USER_DOMU).ready_seconds
+    timings["report"] = report["seconds"]
+    timings["dom0 python startup"] = report["startup"]
+    timings["total"] = round(time.monotonic() - started, 1)
+    return SimpleNamespace(
+        host=host,
+        report=report,
+        created=created,
+        truth={n: domu.get(host, n).truth() for n in DOMUS},
+        timings=timings,
+    )
+
+
+def stop_background() -> None:
+    """Stop the host, booted or booting (idempotent)."""
+    from vmishell.lab.runner import down
+
+    with contextlib.suppress(VmiError):
+        down(_instance())
+
+
+@pytest.fixture(scope="module")
+def xen(background_boot):
+    """The booted host, its DomUs' ground truth and what vmishell in dom0 reported."""
     try:
-        timings["dom0"] = host.boot_seconds
-        # The user's own kernel and initramfs, somewhere dom0 sees them only via /host.
-        own = tmp_path_factory.mktemp("own-domu")
-        lab = domu.lab_domu("pv64")
-        for src in (lab.kernel, lab.initrd):
-            shutil.copy(src, own / Path(str(src)).name)
-        specs = [domu.lab_domu(n) for n in LAB_DOMUS]
-        domus = domu.create(host, specs, wait=False)
-        waiting = threading.Thread(target=domu.wait_ready, args=(host, domus), daemon=True)
-        waiting.start()
-        created = _cli(
-            "lab", "xen", "create", USER_DOMU, "--host", name, "--type", "pv",
-            "--kernel", str(own / "vmlinuz"), "--initrd", str(own / "initramfs.cpio.gz"),
-            "--lab-guest", "x86_64",
-        )  # fmt: skip
-        report = host.report(DOMUS, "--wait", "600", "--bad-input", "--end", USER_DOMU)
-        waiting.join(timeout=600)
-        domu.wait_ready(host, domus)  # what the thread did not see, with its error if any
-        for d in domus:
-            timings[d.name] = domu.get(host, d.name).ready_seconds
-        timings[USER_DOMU] = domu.get(host, USER_DOMU).ready_seconds
-        timings["report"] = report["seconds"]
-        timings["dom0 python startup"] = report["startup"]
-        timings["total"] = round(time.monotonic() - started, 1)
-        print(f"\nXen lab timings (s): {timings}")
-        yield SimpleNamespace(
-            host=host,
-            report=report,
-            created=created,
-            truth={n: domu.get(host, n).truth() for n in DOMUS},
-            timings=timings,
-        )
-    except VmiError as exc:
-        pytest.fail(f"Xen lab: {exc}", pytrace=False)
+        try:
+            booted = background_boot(__name__).result()
+        except Unavailable as exc:
+            _unavailable(str(exc))
+        except VmiError as exc:
+            pytest.fail(f"Xen lab: {exc}", pytrace=False)
+        print(f"\nXen lab timings (s): {booted.timings}")
+        yield booted
     finally:
-        with contextlib.suppress(VmiError):
-            down(name)
+        stop_background()  # before the next module's guests boot
 
 
 @pytest.fixture(params=DOMUS)
