@@ -9,7 +9,7 @@ A guest that cannot be built or booted (no QEMU, no route to the Debian
 archive) skips the tests that need it, with the reason, except under CI=true,
 where that is a failure: CI must prove the features on real guests.
 
-A module may define `boot_in_background(workdir)` and `stop_background()` for
+A module may define `boot_in_background(workdir, env)` and `stop_background()` for
 a long boot that needs one CPU (the Xen host: minutes under TCG, most of them
 waiting for its HVM DomU). That boot starts with the session, in a thread;
 the tests that boot nothing run first, on the other CPU, then that module's
@@ -109,11 +109,12 @@ class Background:
         self.module = module
         self.workdir = Path(tempfile.mkdtemp(prefix="vmishell-background-"))
         self.future: Future = Future()
+        self.env = dict(os.environ)  # before any test changes it
         threading.Thread(target=self._run, name=f"boot {module.__name__}", daemon=True).start()
 
     def _run(self) -> None:
         try:
-            self.future.set_result(self.module.boot_in_background(self.workdir))
+            self.future.set_result(self.module.boot_in_background(self.workdir, self.env))
         except BaseException as exc:  # handed to the fixture that asks for the result
             self.future.set_exception(exc)
 

@@ -67,24 +67,21 @@ def _instance() -> str:
     return f"t-{os.getpid()}-xen"
 
 
-def boot_in_background(workdir: Path) -> SimpleNamespace:
-    """Boot the host and its DomUs and collect dom0's report (tests/conftest.py runs
-    this in a thread from the session's start, while the tests that boot nothing run:
-    the host needs one CPU for several minutes, mostly waiting for the HVM DomU)."""
+def boot(name: str, workdir: Path) -> dict:
+    """Boot host `name` and its DomUs, collect dom0's report; what happened, as JSON data."""
     import shutil
 
     from vmishell.lab.xen import domu
     from vmishell.lab.xen.host import up_host
 
     if shutil.which("qemu-system-x86_64") is None:
-        raise Unavailable("qemu-system-x86_64 is not installed")
-    name = _instance()
+        return {"unavailable": "qemu-system-x86_64 is not installed"}
     timings: dict[str, float | None] = {}
     started = time.monotonic()
     try:
         host = up_host(name)
     except VmiError as exc:
-        raise Unavailable(str(exc)) from exc
+        return {"unavailable": str(exc)}
     timings["dom0"] = host.boot_seconds
     # The user's own kernel and initramfs, somewhere dom0 sees them only via /host.
     own = workdir / "own-domu"
@@ -110,13 +107,49 @@ def boot_in_background(workdir: Path) -> SimpleNamespace:
     timings["report"] = report["seconds"]
     timings["dom0 python startup"] = report["startup"]
     timings["total"] = round(time.monotonic() - started, 1)
-    return SimpleNamespace(
-        host=host,
-        report=report,
-        created=created,
-        truth={n: domu.get(host, n).truth() for n in DOMUS},
-        timings=timings,
-    )
+    out = {k: created.__dict__[k].decode(errors="replace") for k in ("stdout", "stderr")}
+    return {
+        "report": report,
+        "created": {"returncode": created.returncode, **out},
+        "timings": timings,
+    }
+
+
+#: boot() in a child process: its environment is the session's at the start, whatever
+#: the tests that run meanwhile set in this process's (HOME, XDG_CACHE_HOME, ...).
+CHILD = """
+import json, sys
+from pathlib import Path
+from vmishell.errors import VmiError
+from tests.lab.test_xen_lab import boot
+try:
+    out = boot(sys.argv[1], Path(sys.argv[2]))
+except VmiError as exc:
+    out = {"error": str(exc)}
+Path(sys.argv[2], "boot.json").write_text(json.dumps(out))
+"""
+
+
+def boot_in_background(workdir: Path, env: dict[str, str]) -> dict:
+    """Boot the host in a child process (tests/conftest.py runs this in a thread from the
+    session's start, while the tests that boot nothing run: the host needs one CPU for
+    several minutes, mostly waiting for the HVM DomU)."""
+    import json
+
+    with (workdir / "boot.log").open("wb") as log:
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, _instance(), str(workdir)],
+            cwd=REPO,
+            env=dict(env, PYTHONPATH=str(REPO)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    try:
+        return json.loads((workdir / "boot.json").read_text())
+    except (OSError, ValueError):
+        tail = (workdir / "boot.log").read_text(errors="replace")[-3000:]
+        return {"error": f"the boot process exited with {done.returncode}:\n{tail}"}
 
 
 def stop_background() -> None:
@@ -130,15 +163,33 @@ def stop_background() -> None:
 @pytest.fixture(scope="module")
 def xen(background_boot):
     """The booted host, its DomUs' ground truth and what vmishell in dom0 reported."""
+    from vmishell.lab.xen import domu
+    from vmishell.lab.xen.host import attach_host
+
     try:
+        booted = background_boot(__name__).result()
+        if "unavailable" in booted:
+            _unavailable(booted["unavailable"])
+        if "error" in booted:
+            pytest.fail(f"Xen lab: {booted['error']}", pytrace=False)
+        print(f"\nXen lab timings (s): {booted['timings']}")
         try:
-            booted = background_boot(__name__).result()
-        except Unavailable as exc:
-            _unavailable(str(exc))
+            host = attach_host(_instance())
+            truth = {n: domu.get(host, n).truth() for n in DOMUS}
         except VmiError as exc:
             pytest.fail(f"Xen lab: {exc}", pytrace=False)
-        print(f"\nXen lab timings (s): {booted.timings}")
-        yield booted
+        created = SimpleNamespace(
+            returncode=booted["created"]["returncode"],
+            stdout=booted["created"]["stdout"].encode(),
+            stderr=booted["created"]["stderr"].encode(),
+        )
+        yield SimpleNamespace(
+            host=host,
+            report=booted["report"],
+            created=created,
+            truth=truth,
+            timings=booted["timings"],
+        )
     finally:
         stop_background()  # before the next module's guests boot
 
