@@ -8,15 +8,26 @@ concurrently on first use, which keeps the whole lab suite near one boot time.
 A guest that cannot be built or booted (no QEMU, no route to the Debian
 archive) skips the tests that need it, with the reason, except under CI=true,
 where that is a failure: CI must prove the features on real guests.
+
+A module may define `boot_in_background(workdir, env)` and `stop_background()` for
+a long boot that needs one CPU (the Xen host: minutes under TCG, most of them
+waiting for its HVM DomU). That boot starts with the session, in a thread;
+the tests that boot nothing run first, on the other CPU, then that module's
+tests (its fixture takes the result from `background_boot` and stops the
+host), then every other lab test: no other guest runs beside the long boot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +41,11 @@ GUEST_FIXTURES = {
     "i386_guest": "i386",
 }
 
+#: Fixtures through which a test gets a lab guest booted.
+LAB_FIXTURES = frozenset({"lab_pool", "lab_guest", *GUEST_FIXTURES})
+
 _NEEDED = pytest.StashKey[set[str]]()
+_BACKGROUND = pytest.StashKey[dict[str, "Background"]]()
 
 
 def in_ci() -> bool:
@@ -62,6 +77,89 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if callspec is not None and isinstance(callspec.params.get("guest_name"), str):
             needed.add(callspec.params["guest_name"])
     config.stash[_NEEDED] = needed
+    _order(items)
+
+
+def boots_guests(item: pytest.Item) -> bool:
+    """Whether a test boots lab guests: marked `lab`, or using a lab fixture."""
+    if item.get_closest_marker("lab") is not None:
+        return True
+    return not LAB_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+
+
+def _order(items: list[pytest.Item]) -> None:
+    """Modules that boot nothing first, then those with a background boot, then the rest.
+
+    A module's tests stay together and in their order (module fixtures set up once).
+    """
+    rank: dict[object, int] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        here = 2 if boots_guests(item) else 0
+        rank[module] = (
+            1 if hasattr(module, "boot_in_background") else max(rank.get(module, 0), here)
+        )
+    items.sort(key=lambda item: rank[getattr(item, "module", None)])
+
+
+class Background:
+    """A module's `boot_in_background`, running in a daemon thread from the session start."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.workdir = Path(tempfile.mkdtemp(prefix="vmishell-background-"))
+        self.future: Future = Future()
+        self.env = dict(os.environ)  # before any test changes it
+        threading.Thread(target=self._run, name=f"boot {module.__name__}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.future.set_result(self.module.boot_in_background(self.workdir, self.env))
+        except BaseException as exc:  # handed to the fixture that asks for the result
+            self.future.set_exception(exc)
+
+    def close(self, patience: float = 120.0) -> None:
+        """Stop what the boot started, also while it is still booting; remove its files."""
+        deadline = time.monotonic() + patience
+        self.module.stop_background()
+        while not self.future.done() and time.monotonic() < deadline:
+            time.sleep(2)  # a QEMU started after the first stop: stop it too
+            self.module.stop_background()
+        self.module.stop_background()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """Start the background boots of the selected modules (not for --collect-only)."""
+    started: dict[str, Background] = {}
+    session.config.stash[_BACKGROUND] = started
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "boot_in_background") and module.__name__ not in started:
+            started[module.__name__] = Background(module)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for background in session.config.stash.get(_BACKGROUND, {}).values():
+        background.close()
+
+
+@pytest.fixture(scope="session")
+def background_boot(request: pytest.FixtureRequest) -> Callable[[str], Future]:
+    """Factory: `background_boot(__name__)` -> the Future of that module's background boot."""
+    started = request.config.stash.setdefault(_BACKGROUND, {})
+
+    def get(name: str) -> Future:
+        if name not in started:  # its tests were not selected when the session started
+            import sys
+
+            started[name] = Background(sys.modules[name])
+        return started[name].future
+
+    return get
 
 
 class LabPool:

@@ -25,6 +25,8 @@ from labserver import REPO, start_lab, stop_lab
 
 from vmishell.errors import VmiError
 
+pytestmark = pytest.mark.lab  # the tour boots its own guest (and JupyterLab uses every CPU)
+
 COMM_ERRORS = ("Exception opening new comm", "Error displaying widget", "Could not create a model")
 
 WIDGET_NOTEBOOK = [

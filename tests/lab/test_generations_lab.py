@@ -3,8 +3,9 @@
 One guest per Debian suite other than the host's (bullseye 5.10, trixie 6.12,
 sid: the newest), each the x86_64 guest with that suite's kernel and the same
 workload. Each boots once (with the many-mappings scenario, so its maple tree
-or VMA list is deep), serves every test here, and is stopped before the next
-one boots: the module costs about one boot per generation, never all at once.
+or VMA list is deep), serves every test here, and is stopped when they are
+done; the next one boots meanwhile, so at most two run at once and the boots
+overlap the tests instead of adding to them.
 The newest kernel also boots on a CPU with LA57, for 5-level paging.
 The oracle is each guest's own ground truth, not a kernel version: the same
 checks hold on whichever kernel Debian serves today.
@@ -12,10 +13,13 @@ checks hold on whichever kernel Debian serves today.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,21 +54,55 @@ def _module_clock() -> Iterator[None]:
 NAMES = [f"x86_64-{suite}" for suite in GENERATIONS] + ["x86_64-sid-la57"]
 
 
-@pytest.fixture(scope="module", params=NAMES)
-def generation(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Generation]:
-    """One generation's guest, booted with the many-mappings scenario, stopped after."""
-    from tests.conftest import lab_unavailable
+@pytest.fixture(scope="module")
+def boots(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """Boots generations on request, one at a time; stops whatever is left at the end."""
     from tests.support.elf import scenario
     from vmishell.errors import VmiError
     from vmishell.lab import runner
 
-    name = request.param
+    mine = [item for item in request.session.items if item.module is request.module]
+    wanted = {item.callspec.params.get("generation") for item in mine if hasattr(item, "callspec")}
     script = tmp_path_factory.mktemp("scenario") / "many-maps.sh"
     script.write_text(scenario())
+    futures: dict[str, Future] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation") as pool:
+
+        def start(name: str) -> Future:
+            if name not in futures:
+                futures[name] = pool.submit(
+                    runner.up, name, f"t-{os.getpid()}-{name}", init_script=script, timeout=240
+                )
+            return futures[name]
+
+        try:
+            yield SimpleNamespace(start=start, order=[n for n in NAMES if n in wanted])
+        finally:
+            for future in futures.values():
+                future.cancel()
+    for future in futures.values():
+        if not future.cancelled() and future.exception() is None:
+            with contextlib.suppress(VmiError):
+                future.result().down()
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def generation(request: pytest.FixtureRequest, boots) -> Iterator[Generation]:
+    """One generation's guest, booted with the many-mappings scenario, stopped after.
+
+    The next generation boots while this one's tests run (two guests at most).
+    """
+    from tests.conftest import lab_unavailable
+    from vmishell.errors import VmiError
+
+    name = request.param
     try:
-        guest = runner.up(name, f"t-{os.getpid()}-{name}", init_script=script, timeout=240)
+        guest = boots.start(name).result()
     except VmiError as exc:
         lab_unavailable(f"{name}: {exc}")
+    later = boots.order[boots.order.index(name) + 1 :] if name in boots.order else []
+    if later:
+        boots.start(later[0])
     TIMES[f"{name} boot"] = guest.boot_seconds or -1.0
     session = Session.lab(guest.name)
     try:

@@ -59,62 +59,139 @@ def _cli(*args: str, stdin: bytes = b"", timeout: float = 900) -> subprocess.Com
     )
 
 
-@pytest.fixture(scope="module")
-def xen(tmp_path_factory: pytest.TempPathFactory):
-    """The booted host, its DomUs' ground truth and what vmishell in dom0 reported."""
+class Unavailable(Exception):
+    """The Xen lab cannot run here (a skip on a developer's machine, a failure under CI)."""
+
+
+def _instance() -> str:
+    return f"t-{os.getpid()}-xen"
+
+
+def boot(name: str, workdir: Path) -> dict:
+    """Boot host `name` and its DomUs, collect dom0's report; what happened, as JSON data."""
     import shutil
 
-    from vmishell.lab.runner import down
     from vmishell.lab.xen import domu
     from vmishell.lab.xen.host import up_host
 
     if shutil.which("qemu-system-x86_64") is None:
-        _unavailable("qemu-system-x86_64 is not installed")
-    name = f"t-{os.getpid()}-xen"
+        return {"unavailable": "qemu-system-x86_64 is not installed"}
     timings: dict[str, float | None] = {}
     started = time.monotonic()
     try:
         host = up_host(name)
     except VmiError as exc:
-        _unavailable(str(exc))
+        return {"unavailable": str(exc)}
+    timings["dom0"] = host.boot_seconds
+    # The user's own kernel and initramfs, somewhere dom0 sees them only via /host.
+    own = workdir / "own-domu"
+    own.mkdir()
+    lab = domu.lab_domu("pv64")
+    for src in (lab.kernel, lab.initrd):
+        shutil.copy(src, own / Path(str(src)).name)
+    specs = [domu.lab_domu(n) for n in LAB_DOMUS]
+    domus = domu.create(host, specs, wait=False)
+    waiting = threading.Thread(target=domu.wait_ready, args=(host, domus), daemon=True)
+    waiting.start()
+    created = _cli(
+        "lab", "xen", "create", USER_DOMU, "--host", name, "--type", "pv",
+        "--kernel", str(own / "vmlinuz"), "--initrd", str(own / "initramfs.cpio.gz"),
+        "--lab-guest", "x86_64",
+    )  # fmt: skip
+    report = host.report(DOMUS, "--wait", "600", "--bad-input", "--end", USER_DOMU)
+    waiting.join(timeout=600)
+    domu.wait_ready(host, domus)  # what the thread did not see, with its error if any
+    for d in domus:
+        timings[d.name] = domu.get(host, d.name).ready_seconds
+    timings[USER_DOMU] = domu.get(host, USER_DOMU).ready_seconds
+    timings["report"] = report["seconds"]
+    timings["dom0 python startup"] = report["startup"]
+    timings["total"] = round(time.monotonic() - started, 1)
+    out = {k: created.__dict__[k].decode(errors="replace") for k in ("stdout", "stderr")}
+    return {
+        "report": report,
+        "created": {"returncode": created.returncode, **out},
+        "timings": timings,
+    }
+
+
+#: boot() in a child process: its environment is the session's at the start, whatever
+#: the tests that run meanwhile set in this process's (HOME, XDG_CACHE_HOME, ...).
+CHILD = """
+import json, sys
+from pathlib import Path
+from vmishell.errors import VmiError
+from tests.lab.test_xen_lab import boot
+try:
+    out = boot(sys.argv[1], Path(sys.argv[2]))
+except VmiError as exc:
+    out = {"error": str(exc)}
+Path(sys.argv[2], "boot.json").write_text(json.dumps(out))
+"""
+
+
+def boot_in_background(workdir: Path, env: dict[str, str]) -> dict:
+    """Boot the host in a child process (tests/conftest.py runs this in a thread from the
+    session's start, while the tests that boot nothing run: the host needs one CPU for
+    several minutes, mostly waiting for the HVM DomU)."""
+    import json
+
+    with (workdir / "boot.log").open("wb") as log:
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, _instance(), str(workdir)],
+            cwd=REPO,
+            env=dict(env, PYTHONPATH=str(REPO)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     try:
-        timings["dom0"] = host.boot_seconds
-        # The user's own kernel and initramfs, somewhere dom0 sees them only via /host.
-        own = tmp_path_factory.mktemp("own-domu")
-        lab = domu.lab_domu("pv64")
-        for src in (lab.kernel, lab.initrd):
-            shutil.copy(src, own / Path(str(src)).name)
-        specs = [domu.lab_domu(n) for n in LAB_DOMUS]
-        domus = domu.create(host, specs, wait=False)
-        waiting = threading.Thread(target=domu.wait_ready, args=(host, domus), daemon=True)
-        waiting.start()
-        created = _cli(
-            "lab", "xen", "create", USER_DOMU, "--host", name, "--type", "pv",
-            "--kernel", str(own / "vmlinuz"), "--initrd", str(own / "initramfs.cpio.gz"),
-            "--lab-guest", "x86_64",
-        )  # fmt: skip
-        report = host.report(DOMUS, "--wait", "600", "--bad-input", "--end", USER_DOMU)
-        waiting.join(timeout=600)
-        domu.wait_ready(host, domus)  # what the thread did not see, with its error if any
-        for d in domus:
-            timings[d.name] = domu.get(host, d.name).ready_seconds
-        timings[USER_DOMU] = domu.get(host, USER_DOMU).ready_seconds
-        timings["report"] = report["seconds"]
-        timings["dom0 python startup"] = report["startup"]
-        timings["total"] = round(time.monotonic() - started, 1)
-        print(f"\nXen lab timings (s): {timings}")
+        return json.loads((workdir / "boot.json").read_text())
+    except (OSError, ValueError):
+        tail = (workdir / "boot.log").read_text(errors="replace")[-3000:]
+        return {"error": f"the boot process exited with {done.returncode}:\n{tail}"}
+
+
+def stop_background() -> None:
+    """Stop the host, booted or booting (idempotent)."""
+    from vmishell.lab.runner import down
+
+    with contextlib.suppress(VmiError):
+        down(_instance())
+
+
+@pytest.fixture(scope="module")
+def xen(background_boot):
+    """The booted host, its DomUs' ground truth and what vmishell in dom0 reported."""
+    from vmishell.lab.xen import domu
+    from vmishell.lab.xen.host import attach_host
+
+    try:
+        booted = background_boot(__name__).result()
+        if "unavailable" in booted:
+            _unavailable(booted["unavailable"])
+        if "error" in booted:
+            pytest.fail(f"Xen lab: {booted['error']}", pytrace=False)
+        print(f"\nXen lab timings (s): {booted['timings']}")
+        try:
+            host = attach_host(_instance())
+            truth = {n: domu.get(host, n).truth() for n in DOMUS}
+        except VmiError as exc:
+            pytest.fail(f"Xen lab: {exc}", pytrace=False)
+        created = SimpleNamespace(
+            returncode=booted["created"]["returncode"],
+            stdout=booted["created"]["stdout"].encode(),
+            stderr=booted["created"]["stderr"].encode(),
+        )
         yield SimpleNamespace(
             host=host,
-            report=report,
+            report=booted["report"],
             created=created,
-            truth={n: domu.get(host, n).truth() for n in DOMUS},
-            timings=timings,
+            truth=truth,
+            timings=booted["timings"],
         )
-    except VmiError as exc:
-        pytest.fail(f"Xen lab: {exc}", pytrace=False)
     finally:
-        with contextlib.suppress(VmiError):
-            down(name)
+        stop_background()  # before the next module's guests boot
 
 
 @pytest.fixture(params=DOMUS)

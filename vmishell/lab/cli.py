@@ -20,18 +20,24 @@ from vmishell.lab.guests import ACCELERATORS, DEFAULT_MEMORY_MB, GUESTS, PLANNED
 
 
 def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    sys.stderr.write(msg + "\n")  # one write: builds run in threads side by side
+    sys.stderr.flush()
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     names = list(GUESTS) if args.guest == "all" else [args.guest]
-    for name in names:
-        built = build_guest(name, force=args.force, progress=_progress)
-        from vmishell.lab.profiles import ensure_profile
+    if args.force:
+        for name in names:
+            built = build_guest(name, force=True, progress=_progress)
+            from vmishell.lab.profiles import ensure_profile
 
-        profile = ensure_profile(built, _progress)
-        print(f"{name}: {built.kernel_release}  manifest {built.manifest_path}")
-        print(f"{' ' * len(name)}  profile {profile}")
+            profile = ensure_profile(built, _progress)
+            print(f"{name}: {built.kernel_release}  manifest {built.manifest_path}")
+            print(f"{' ' * len(name)}  profile {profile}")
+    from vmishell.lab.prebuild import build_all
+
+    for line in build_all(names, dbg=args.dbg, xen=args.xen, jobs=args.jobs, progress=_progress):
+        print(line)
     return 0
 
 
@@ -155,6 +161,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="download and build a guest image (cached)")
     p.add_argument("guest", choices=guest_names)
     p.add_argument("--force", action="store_true", help="refresh apt lists and rebuild")
+    p.add_argument(
+        "--dbg",
+        action="store_true",
+        help="also fetch the -dbg files of the host suite's kernels (what profile checks use)",
+    )
+    p.add_argument("--xen", action="store_true", help="also build the Xen host image")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=4,
+        metavar="N",
+        help="Debian archives (architecture, suite) to build from at once (default 4)",
+    )
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("up", help="boot a guest in the background and wait until ready")
