@@ -59,7 +59,7 @@ def arm(request: pytest.FixtureRequest) -> Iterator[Arm]:
 
     name = request.param
     try:
-        guest = runner.up(name, f"t-{os.getpid()}-{name}", vmcoreinfo=True, timeout=300)
+        guest = runner.up(name, f"t-{os.getpid()}-{name}-vmcoreinfo", vmcoreinfo=True, timeout=300)
     except VmiError as exc:
         lab_unavailable(f"{name}: {exc}")
     TIMES[f"{name} boot"] = guest.boot_seconds or -1.0

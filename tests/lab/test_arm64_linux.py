@@ -45,7 +45,7 @@ def generation(request: pytest.FixtureRequest) -> Iterator[Generation]:
 
     name = request.param
     try:
-        guest = runner.up(name, f"t-{os.getpid()}-{name}", timeout=240)
+        guest = runner.up(name, f"t-{os.getpid()}-{name}-linux", timeout=240)
     except VmiError as exc:
         lab_unavailable(f"{name}: {exc}")
     session = Session.attach(f"lab:{guest.name}")

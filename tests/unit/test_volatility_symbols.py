@@ -88,3 +88,20 @@ def test_a_run_leaves_volatilitys_search_path_as_it_found_it(tmp_path: Path) -> 
     with vol._symbols_of(directory):
         assert volatility3.symbols.__path__[0] == str(directory / "symbols")
     assert (list(volatility3.symbols.__path__), constants.CACHE_PATH) == before
+
+
+def test_refreshing_volatilitys_cache_leaves_the_processs_url_opener_alone(tmp_path: Path) -> None:
+    """Volatility installs an offline opener whenever it opens a file; a notebook's HTTP
+    (JupyterLab's own API, say) must keep working after vmishell used Volatility."""
+    import urllib.request
+
+    vol._setup()
+    mine = urllib.request.build_opener()
+    urllib.request.install_opener(mine)
+    try:
+        directory = vol.profile_symbols_dir(tmp_path, _isf(tmp_path / "p" / "l.json", "x"))
+        with vol._symbols_of(directory):
+            pass
+        assert urllib.request._opener is mine  # type: ignore[attr-defined]
+    finally:
+        urllib.request.install_opener(None)

@@ -269,9 +269,10 @@ def _symbols_of(directory: Path) -> Iterator[None]:
     ]
     constants.CACHE_PATH = str(directory)
     try:
-        symbol_cache.SqliteCache(
-            os.path.join(constants.CACHE_PATH, constants.IDENTIFIERS_FILENAME)
-        ).update()
+        with _keeps_url_opener():
+            symbol_cache.SqliteCache(
+                os.path.join(constants.CACHE_PATH, constants.IDENTIFIERS_FILENAME)
+            ).update()
         yield
     finally:
         volatility3.symbols.__path__[:] = saved_path
@@ -383,11 +384,19 @@ def run_plugin(session: Session, plugin: str, args: Sequence[str] = ()) -> pd.Da
     plugin. Volatility installs its own (offline) process-wide URL opener;
     the caller's is put back afterwards, so a notebook's HTTP keeps working.
     """
+    with _keeps_url_opener():
+        return _run_plugin(session, plugin, args)
+
+
+@contextlib.contextmanager
+def _keeps_url_opener() -> Iterator[None]:
+    """Put back the process's urllib opener: Volatility's ResourceAccessor installs its own
+    (offline) one process-wide whenever it opens a file, which breaks the caller's HTTP."""
     import urllib.request
 
     caller_opener = urllib.request._opener  # type: ignore[attr-defined]
     try:
-        return _run_plugin(session, plugin, args)
+        yield
     finally:
         urllib.request.install_opener(caller_opener)  # None restores the default
 
