@@ -58,10 +58,14 @@ def dump(guest: str, where: Path) -> Path:
 
 
 def kernel_pages(session: Session, rng: random.Random) -> list[int]:
-    """PAGES random 4 KiB-aligned kernel virtual addresses that translate."""
+    """PAGES random 4 KiB-aligned kernel virtual addresses that translate into RAM
+    (not the devices the kernel also maps: GIC, UART, PCIe windows)."""
     kernel = session.kernel
+    source = session.source
     starts: list[int] = []
     for m in kernel.mappings():
+        if not source.is_valid(m.paddr, m.size):
+            continue
         starts.extend(range(m.vaddr, m.vaddr + min(m.size, 64 << 20), 4096))
         if len(starts) > 50 * PAGES:
             break
