@@ -27,10 +27,8 @@ from vmishell.arch.registers import (
 )
 from vmishell.arch.results import Mapping, Page, Translation, Walk, WalkStep
 from vmishell.arch.results import _new as _new
-from vmishell.arch.results import _set_t_paddr as _set_paddr
-from vmishell.arch.results import _set_t_page as _set_page
-from vmishell.arch.results import _set_t_vaddr as _set_vaddr
 from vmishell.arch.tables import DEFAULT_MAX_CACHED_TABLES, TableReader
+from vmishell.arch.tlb import CachedWalks
 from vmishell.errors import PageFault, TranslationError
 
 if TYPE_CHECKING:
@@ -47,7 +45,7 @@ DEFAULT_MAX_MAPPING_WORK = 1 << 25
 _tuple_new = tuple.__new__
 
 
-class Translator:
+class Translator(CachedWalks):
     """Translates virtual addresses of one address space (source, DTB, mode).
 
     `dtb` may be a raw CR3: PCID bits, the no-flush bit 63 and bits above
@@ -115,57 +113,7 @@ class Translator:
             maxphyaddr=maxphyaddr,
         )
 
-    # -- caches ---------------------------------------------------------------------------
-    def sync(self) -> None:
-        """Drop every cached page and table if the source changed generation."""
-        if self.source.generation != self._generation:
-            self.flush()
-
-    def flush(self) -> None:
-        """Drop every cached page and table unconditionally."""
-        self._tlb.clear()
-        self.reader.reload()
-        self._note_segments()
-        self._generation = self.source.generation
-
-    def _note_segments(self) -> None:
-        """Keep the single RAM segment at hand so walks skip the reader's lookup."""
-        seg = self.reader.single_segment
-        self._seg_view = seg.view if seg is not None else None
-        self._seg_start = seg.start if seg is not None else 0
-        self._seg_len = len(seg.view) if seg is not None else 0
-
     # -- translation ------------------------------------------------------------------------
-    def translate(self, vaddr: int) -> Translation:
-        """The physical address of `vaddr`; raises PageFault naming the level and entry."""
-        if self.source.generation != self._generation:
-            self.sync()
-        page = self._tlb.get(vaddr >> 12)
-        if page is None:
-            page = self._miss(vaddr)
-        t = _new(Translation)
-        _set_vaddr(t, vaddr)
-        _set_paddr(t, page[1] + vaddr - page[0])
-        _set_page(t, page)
-        return t
-
-    def page(self, vaddr: int) -> Page:
-        """The TLB entry (whole page, effective rights) holding `vaddr`; raises PageFault."""
-        if self.source.generation != self._generation:
-            self.sync()
-        page = self._tlb.get(vaddr >> 12)
-        return self._miss(vaddr) if page is None else page
-
-    def _miss(self, vaddr: int) -> Page:
-        """Walk for a page the TLB lacks and remember it (callers checked the generation)."""
-        vaddr = operator.index(vaddr)
-        page = self._walk(vaddr, None)
-        tlb = self._tlb
-        if len(tlb) >= self._tlb_size:
-            tlb.clear()
-        tlb[vaddr >> 12] = page
-        return page
-
     def frames_after(self, page: Page, limit: int) -> list[int]:
         """Frames of the pages that follow `page` in its own table, up to `limit` bytes.
 

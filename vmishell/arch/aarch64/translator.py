@@ -40,10 +40,8 @@ from vmishell.arch.aarch64.registers import settings_from_tcr, system_registers
 from vmishell.arch.aarch64.spec import OA_LPA, OA_LPA2, ArmLevel, HalfSpec, half_spec, ttbr_base
 from vmishell.arch.results import Mapping, Page, Translation, Walk, WalkStep
 from vmishell.arch.results import _new as _new
-from vmishell.arch.results import _set_t_paddr as _set_paddr
-from vmishell.arch.results import _set_t_page as _set_page
-from vmishell.arch.results import _set_t_vaddr as _set_vaddr
 from vmishell.arch.tables import DEFAULT_MAX_CACHED_TABLES, TableReader
+from vmishell.arch.tlb import CachedWalks
 from vmishell.arch.translator import DEFAULT_MAX_MAPPING_WORK, DEFAULT_TLB_SIZE
 from vmishell.errors import PageFault, TranslationError
 from vmishell.sources.base import PhysicalSource, Registers
@@ -94,7 +92,7 @@ class _Half:
         )
 
 
-class Arm64Translator:
+class Arm64Translator(CachedWalks):
     """Translates virtual addresses of one AArch64 EL1&0 address space (TTBR0 and/or TTBR1).
 
     `ttbr0`/`ttbr1` are TTBRn_EL1 values (a table's physical address is one:
@@ -218,58 +216,10 @@ class Arm64Translator:
         assert h is not None
         return h.base
 
-    # -- caches ---------------------------------------------------------------------------
-    def sync(self) -> None:
-        """Drop every cached page and table if the source changed generation."""
-        if self.source.generation != self._generation:
-            self.flush()
-
-    def flush(self) -> None:
-        """Drop every cached page and table unconditionally."""
-        self._tlb.clear()
-        self.reader.reload()
-        self._note_segments()
-        self._generation = self.source.generation
-
-    def _note_segments(self) -> None:
-        seg = self.reader.single_segment
-        self._seg_view = seg.view if seg is not None else None
-        self._seg_start = seg.start if seg is not None else 0
-        self._seg_len = len(seg.view) if seg is not None else 0
-
     # -- translation ------------------------------------------------------------------------
-    def translate(self, vaddr: int) -> Translation:
-        """The physical address of `vaddr`; raises PageFault naming the level and descriptor."""
-        if self.source.generation != self._generation:
-            self.sync()
-        page = self._tlb.get(vaddr >> 12)
-        if page is None:
-            page = self._miss(vaddr)
-        t = _new(Translation)
-        _set_vaddr(t, vaddr)
-        _set_paddr(t, page[1] + vaddr - page[0])
-        _set_page(t, page)
-        return t
-
     def translate_many(self, vaddrs: Iterator[int] | list[int]) -> list[Translation]:
         """`translate` of each address, in order (the first fault raises)."""
         return [self.translate(v) for v in vaddrs]
-
-    def page(self, vaddr: int) -> Page:
-        """The TLB entry (whole page, effective rights) holding `vaddr`; raises PageFault."""
-        if self.source.generation != self._generation:
-            self.sync()
-        page = self._tlb.get(vaddr >> 12)
-        return self._miss(vaddr) if page is None else page
-
-    def _miss(self, vaddr: int) -> Page:
-        vaddr = operator.index(vaddr)
-        page = self._walk(vaddr, None)
-        tlb = self._tlb
-        if len(tlb) >= self._tlb_size:
-            tlb.clear()
-        tlb[vaddr >> 12] = page
-        return page
 
     def _half(self, vaddr: int) -> _Half:
         """The half VA bit 55 selects, after the range check (PageFault outside it)."""

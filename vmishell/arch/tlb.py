@@ -1,0 +1,90 @@
+"""The page cache ("TLB") every walker shares: one place for lookups, misses and invalidation.
+
+A walker subclasses `CachedWalks` and supplies `_walk(vaddr, steps)`; it sets
+`source`, `reader` (its TableReader), `_tlb`, `_tlb_size` and `_generation`
+in its constructor and calls `_note_segments()`. Everything cached is dropped
+when the source's generation changes, so a live guest is seen afresh after
+`source.refresh()` and never before.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+from vmishell.arch.results import Page, Translation, WalkStep
+from vmishell.arch.results import _new as _new
+from vmishell.arch.results import _set_t_paddr as _set_paddr
+from vmishell.arch.results import _set_t_page as _set_page
+from vmishell.arch.results import _set_t_vaddr as _set_vaddr
+
+if TYPE_CHECKING:
+    from vmishell.arch.tables import TableReader
+    from vmishell.sources.base import PhysicalSource
+
+
+class CachedWalks:
+    """translate/page through a per-page cache, with the walker's `_walk` on a miss."""
+
+    source: PhysicalSource
+    reader: TableReader
+    _tlb: dict[int, Page]
+    _tlb_size: int
+    _generation: int
+    _seg_view: memoryview | None
+    _seg_start: int
+    _seg_len: int
+
+    def _walk(self, vaddr: int, steps: list[WalkStep] | None) -> Page:
+        raise NotImplementedError
+
+    # -- caches ---------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Drop every cached page and table if the source changed generation."""
+        if self.source.generation != self._generation:
+            self.flush()
+
+    def flush(self) -> None:
+        """Drop every cached page and table unconditionally."""
+        self._tlb.clear()
+        self.reader.reload()
+        self._note_segments()
+        self._generation = self.source.generation
+
+    def _note_segments(self) -> None:
+        """Keep the single RAM segment at hand so walks skip the reader's lookup."""
+        seg = self.reader.single_segment
+        self._seg_view = seg.view if seg is not None else None
+        self._seg_start = seg.start if seg is not None else 0
+        self._seg_len = len(seg.view) if seg is not None else 0
+
+    # -- translation ------------------------------------------------------------------------
+    def translate(self, vaddr: int) -> Translation:
+        """The physical address of `vaddr`; raises PageFault naming the level and entry."""
+        if self.source.generation != self._generation:
+            self.sync()
+        page = self._tlb.get(vaddr >> 12)
+        if page is None:
+            page = self._miss(vaddr)
+        t = _new(Translation)
+        _set_vaddr(t, vaddr)
+        _set_paddr(t, page[1] + vaddr - page[0])
+        _set_page(t, page)
+        return t
+
+    def page(self, vaddr: int) -> Page:
+        """The TLB entry (whole page, effective rights) holding `vaddr`; raises PageFault."""
+        if self.source.generation != self._generation:
+            self.sync()
+        page = self._tlb.get(vaddr >> 12)
+        return self._miss(vaddr) if page is None else page
+
+    def _miss(self, vaddr: int) -> Page:
+        """Walk for a page the TLB lacks and remember it (callers checked the generation)."""
+        vaddr = operator.index(vaddr)
+        page = self._walk(vaddr, None)
+        tlb = self._tlb
+        if len(tlb) >= self._tlb_size:
+            tlb.clear()
+        tlb[vaddr >> 12] = page
+        return page
