@@ -1,16 +1,14 @@
-"""Large reads: read_into a caller's buffer, zero-copy views, and pread from a mapped file."""
+"""Large reads: built in place, read_into a caller's buffer, zero-copy views."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from tests.support.pagetables import PageTableBuilder
-from vmishell.arch import AddressSpace, PagingMode, Translator
-from vmishell.arch.addrspace import PREAD_MIN
-from vmishell.errors import PageFault, TargetEnded, TranslationError
+from vmishell.arch import AddressSpace, PagingMode, Translator, fresh
+from vmishell.errors import PageFault, TranslationError
 from vmishell.sources.files import RawImageSource
 
 MiB = 1 << 20
@@ -88,33 +86,49 @@ def image(tmp_path: Path, b: PageTableBuilder) -> RawImageSource:
     return RawImageSource(path)
 
 
-def test_large_runs_of_a_file_are_read_with_pread_and_agree(tmp_path: Path) -> None:
-    b = PageTableBuilder(PagingMode.LEVEL4, ram_size=16 * MiB)
-    size = max(2 * PREAD_MIN, 2 * MiB)
-    data = pattern(size, 3)
-    b.ram[4 * MiB : 4 * MiB + size] = data
-    b.map_range(VA, 4 * MiB, size)
-    src = image(tmp_path, b)
+def big_scattered(tmp_path: Path) -> tuple[RawImageSource, PageTableBuilder, bytes]:
+    """A 6 MiB virtual buffer: 3 MiB contiguous, a 1 MiB hole, 2 MiB in scattered frames."""
+    b = PageTableBuilder(PagingMode.LEVEL4, ram_size=32 * MiB)
+    head = pattern(3 * MiB, 3)
+    b.ram[4 * MiB : 7 * MiB] = head
+    b.map_range(VA, 4 * MiB, 3 * MiB)
+    want = head + bytes(MiB)
+    for i in range(512):
+        frame = 16 * MiB + ((i * 37) % 512) * 0x2000
+        page = pattern(0x1000, i)
+        b.ram[frame : frame + 0x1000] = page
+        b.map(VA + 4 * MiB + i * 0x1000, frame)
+        want += page
+    return image(tmp_path, b), b, want
+
+
+def test_a_large_read_is_built_in_place_and_equals_the_pieces(tmp_path: Path) -> None:
+    src, b, want = big_scattered(tmp_path)
     asp = AddressSpace(Translator(src, b.dtb, b.mode))
-    calls = []
-    real = src.read_file
-
-    def spy(paddr: int, length: int) -> bytes | None:
-        calls.append((paddr, length))
-        return real(paddr, length)
-
-    asp._read_file = spy
-    assert asp.read(VA + 1, size - 1) == data[1:]
-    assert calls == [(4 * MiB + 1, size - 1)]
-    assert asp.read(VA, 0x100) == data[:0x100]  # small reads stay with the map
-    assert len(calls) == 1
-    assert src.read_file(15 * MiB, 2 * MiB) is None  # past the end of RAM
+    assert len(want) >= fresh.IN_PLACE_MIN
+    data = asp.read(VA, len(want), pad=True)
+    assert type(data) is bytes and data == want
+    assert asp.read(VA + 5, 3 * MiB - 5) == want[5 : 3 * MiB]  # one run
+    with pytest.raises(PageFault):
+        asp.read(VA, len(want))  # the hole, unpadded
     src.close()
 
 
-def test_a_file_that_shrank_ends_the_source_on_pread(tmp_path: Path) -> None:
-    b = PageTableBuilder(PagingMode.LEVEL4, ram_size=16 * MiB)
-    src = image(tmp_path, b)
-    os.truncate(src.path, 8 * MiB)
-    with pytest.raises(TargetEnded, match="shrank"):
-        src.read_file(10 * MiB, MiB)
+def test_without_ctypes_a_large_read_is_joined_from_the_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, b, want = big_scattered(tmp_path)
+    monkeypatch.setattr("vmishell.arch.addrspace.fresh_bytes", lambda size: None)
+    asp = AddressSpace(Translator(src, b.dtb, b.mode))
+    assert asp.read(VA, len(want), pad=True) == want
+    src.close()
+
+
+def test_fresh_bytes_hands_out_a_writable_view_of_a_new_bytes_object() -> None:
+    made = fresh.fresh_bytes(fresh.IN_PLACE_MIN)
+    assert made is not None
+    data, view = made
+    view[:] = b"\xab" * len(view)
+    view.release()
+    assert type(data) is bytes and data == b"\xab" * fresh.IN_PLACE_MIN
+    assert fresh.fresh_bytes(fresh.IN_PLACE_MIN - 1) is None  # small: built the plain way

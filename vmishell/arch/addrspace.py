@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from vmishell.arch.fresh import IN_PLACE_MIN, fresh_bytes
 from vmishell.arch.results import Page
 from vmishell.arch.translator import Translator
 from vmishell.errors import PageFault, PhysicalReadError, TranslationError
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from vmishell.arch.aarch64.translator import Arm64Translator
 
 _ZEROS = memoryview(bytes(1 << 16))
-#: From this size on, one physically contiguous run of a file-backed source is read
-#: with pread rather than copied out of the map (see MappedFileSource.read_file).
-PREAD_MIN = 1 << 20
 
 
 class AddressSpace:
@@ -40,7 +38,6 @@ class AddressSpace:
     def __init__(self, translator: Translator | Arm64Translator) -> None:
         self.translator = translator
         self.source = translator.source
-        self._read_file = getattr(translator.source, "read_file", None)
 
     def read(self, vaddr: int, size: int, *, pad: bool = False) -> bytes:
         """`size` bytes of virtual memory at `vaddr`.
@@ -133,16 +130,18 @@ class AddressSpace:
     def _copy(self, runs: list[tuple[int, int, int, Page | None]], size: int, pad: bool) -> bytes:
         """Copy the runs out of physical memory, each in one piece when it sits in one segment.
 
-        The result is built with one copy: a single run is one slice (or one
-        pread, when large and the source is a file), several are joined from
-        views of the map straight into the result (no bytes object per run).
+        A large result is one new bytes object filled in place, on huge pages
+        (see `fresh`): its own page faults, not the copy, are what a large
+        read costs. Smaller ones are one slice, or joined from views of the
+        map straight into the result (no bytes object per run).
         """
-        if len(runs) == 1 and size >= PREAD_MIN and self._read_file is not None:
-            paddr, length, _, page = runs[0]
-            if page is not None:
-                data = self._read_file(paddr, length)
-                if data is not None:
-                    return data
+        if size >= IN_PLACE_MIN:
+            fresh = fresh_bytes(size)
+            if fresh is not None:
+                data, out = fresh
+                with out:
+                    self._fill(runs, out, pad)
+                return data
         segs = self.translator.reader.segments
         starts = self.translator.reader.starts
         parts: list[bytes | memoryview] = []
@@ -180,10 +179,17 @@ class AddressSpace:
             return 0
         if self.source.generation != self.translator._generation:
             self.translator.sync()
+        self._fill(self._runs(vaddr, size, pad), out, pad)
+        return size
+
+    def _fill(
+        self, runs: list[tuple[int, int, int, Page | None]], out: memoryview, pad: bool
+    ) -> None:
+        """Copy the runs, in order, into `out` (as long as they are together)."""
         segs = self.translator.reader.segments
         starts = self.translator.reader.starts
         pos = 0
-        for paddr, length, v, page in self._runs(vaddr, size, pad):
+        for paddr, length, v, page in runs:
             dst = out[pos : pos + length]
             pos += length
             if page is None:
@@ -200,7 +206,6 @@ class AddressSpace:
                         dst[:] = seg.view[off : off + length]
                         continue
             dst[:] = self._read_slow(paddr, length, v, page, pad)
-        return size
 
     @contextmanager
     def view(self, vaddr: int, size: int, *, pad: bool = False) -> Iterator[memoryview]:

@@ -10,14 +10,13 @@ the process's address space.
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from vmishell.errors import PhysicalReadError, QmpError, SourceError
+from vmishell.errors import QmpError, SourceError
 from vmishell.sources.base import Registers
 from vmishell.sources.layout import flat_layout, qemu_ram_layout
 from vmishell.sources.memory import BufferSource
@@ -106,7 +105,7 @@ class MappedFileSource(BufferSource):
             raise
         self._mapped_size = file_size
         layout = layout or flat_layout(file_size)
-        #: (physical start, file offset, size) of each RAM range, for `read_file`.
+        #: (physical start, file offset, size) of each RAM range, for `find`.
         self._extents = sorted(layout)
         self._extent_starts = [phys for phys, _, _ in self._extents]
         view = memoryview(self._mmap)
@@ -134,34 +133,6 @@ class MappedFileSource(BufferSource):
             for piece in slices:  # the segments hold their own views of these
                 piece.release()
         self._view = view
-
-    def read_file(self, paddr: int, size: int) -> bytes | None:
-        """`size` bytes at `paddr` with one pread of the file, or None outside one RAM range.
-
-        Why not a slice of the map: a large read lands in freshly allocated
-        memory, and the kernel fills that faster when it copies out of its
-        page cache (pread) than when this process copies out of the map and
-        takes every destination page fault itself (measured here: 1.4 against
-        1.1 GB/s for 64 MiB, see benchmarks/bench_translate.py). Small reads
-        stay with the map, where no system call is paid.
-        """
-        if self._closed or self._ended is not None:
-            self.check()
-        i = bisect.bisect_right(self._extent_starts, paddr) - 1
-        if i < 0 or size < 0:
-            return None
-        phys, offset, length = self._extents[i]
-        if paddr + size > phys + length:
-            return None
-        try:
-            data = os.pread(self._fd, size, offset + paddr - phys)
-        except OSError as exc:
-            why = f"cannot read {self.path}: {exc.strerror}"
-            raise PhysicalReadError(paddr, size, why) from None
-        if len(data) != size:
-            self._check_alive()  # the file shrank: the source ends here
-            raise PhysicalReadError(paddr, size, f"short read of {self.path}")
-        return data
 
     def find(self, needle: bytes, start: int = 0, end: int | None = None) -> Iterator[int]:
         """Physical addresses of `needle` in RAM, in order, searched in the map itself.
