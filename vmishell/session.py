@@ -46,7 +46,6 @@ from vmishell.errors import (
     VmiError,
 )
 from vmishell.limits import Limits, TextBudget
-from vmishell.os.linux.arm64 import is_arm64, locate_arm64
 from vmishell.os.linux.guest import LinuxGuest
 from vmishell.os.linux.kernel import (
     KernelHints,
@@ -55,6 +54,7 @@ from vmishell.os.linux.kernel import (
     locate_kernel,
 )
 from vmishell.os.linux.liveness import KernelPulse, runs_on_cpu, ticks
+from vmishell.os.linux.locate import is_arm64
 from vmishell.os.linux.tasks import Task
 from vmishell.os.linux.vmas import Vma
 from vmishell.os.linux.vmcoreinfo import locate_by_vmcoreinfo, vmcoreinfo_of
@@ -409,6 +409,8 @@ class Session:
 
         self.found_by = "banner"
         accept = ticks(self.source, self.profile) if after_reset else None
+        from vmishell.os.linux.arm64 import locate_arm64
+
         return locate_arm64(
             self.source,
             self.profile,

@@ -16,7 +16,8 @@ import pytest
 from tests.support.arm64space import Arm64Tables
 from tests.support.isf import SYMBOL_OFFSETS, TINY_BANNER, Variant, tiny_isf
 from vmishell.errors import GuestDataError
-from vmishell.os.linux.arm64 import Arm64Paging, is_arm64, locate_arm64
+from vmishell.os.linux.arm64 import Arm64Paging, locate_arm64
+from vmishell.os.linux.locate import is_arm64
 from vmishell.session import Session
 from vmishell.sources.memory import BufferSource
 from vmishell.symbols.profile import Profile

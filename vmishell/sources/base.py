@@ -212,6 +212,15 @@ class PhysicalSource(ABC):
             pos += chunk
         return b"".join(parts)
 
+    def read_sparse(self, paddr: int, size: int) -> bytes:
+        """A small read, one of many far apart (a probe on a grid); same answer as `read`.
+
+        Sources that map their memory answer it without mapping the page
+        into this process (see MappedFileSource), so a scan of a few hundred
+        probes does not cost tens of megabytes of resident memory.
+        """
+        return self.read(paddr, size)
+
     def read_padded(self, paddr: int, size: int) -> bytes:
         """Read like `read`, but bytes outside RAM read as zeros."""
         if self._closed or self._ended is not None:

@@ -10,13 +10,14 @@ the process's address space.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from vmishell.errors import QmpError, SourceError
+from vmishell.errors import PhysicalReadError, QmpError, SourceError
 from vmishell.sources.base import Registers
 from vmishell.sources.layout import flat_layout, qemu_ram_layout
 from vmishell.sources.memory import BufferSource
@@ -105,7 +106,7 @@ class MappedFileSource(BufferSource):
             raise
         self._mapped_size = file_size
         layout = layout or flat_layout(file_size)
-        #: (physical start, file offset, size) of each RAM range, for `find`.
+        #: (physical start, file offset, size) of each RAM range, for `find` and `read_sparse`.
         self._extents = sorted(layout)
         self._extent_starts = [phys for phys, _, _ in self._extents]
         view = memoryview(self._mmap)
@@ -133,6 +134,24 @@ class MappedFileSource(BufferSource):
             for piece in slices:  # the segments hold their own views of these
                 piece.release()
         self._view = view
+
+    def read_sparse(self, paddr: int, size: int) -> bytes:
+        """`read` by pread: a touch of the map would map the ~64 KiB around it (fault-around)."""
+        if self._closed or self._ended is not None:
+            self.check()
+        i = bisect.bisect_right(self._extent_starts, paddr) - 1
+        if i < 0 or size <= 0 or paddr + size > self._extents[i][0] + self._extents[i][2]:
+            return self.read(paddr, size)  # an edge case: let read() answer or raise
+        phys, offset, _ = self._extents[i]
+        try:
+            data = os.pread(self._fd, size, offset + paddr - phys)
+        except OSError as exc:
+            why = f"cannot read {self.path}: {exc.strerror}"
+            raise PhysicalReadError(paddr, size, why) from None
+        if len(data) != size:
+            self._check_alive()  # the file shrank: the source ends here
+            raise PhysicalReadError(paddr, size, f"short read of {self.path}")
+        return data
 
     def find(self, needle: bytes, start: int = 0, end: int | None = None) -> Iterator[int]:
         """Physical addresses of `needle` in RAM, in order, searched in the map itself.

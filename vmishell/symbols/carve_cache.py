@@ -8,7 +8,6 @@ matched by banner is used only if the guest's BTF still has its checksum.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 from pathlib import Path
@@ -23,7 +22,12 @@ from vmishell.symbols.locations import carved_dir
 if TYPE_CHECKING:  # the carver (numpy) is imported only when a profile is carved
     from vmishell.symbols.carve import Progress
 
-log = logging.getLogger(__name__)
+
+def _warn(message: str, *args: object) -> None:
+    """Log a warning; `logging` is imported only then (it costs every attach ~4 ms)."""
+    import logging
+
+    logging.getLogger(__name__).warning(message, *args)
 
 
 def carve_profile(
@@ -71,7 +75,7 @@ def _save_in_background(isf: dict, path: Path) -> None:
             write_isf(isf, path)
             load_profile(path)
         except (OSError, VmiError) as exc:
-            log.warning("carved profile not cached at %s: %s", path, exc)
+            _warn("carved profile not cached at %s: %s", path, exc)
 
     fork = getattr(os, "fork", None)
     if fork is None:
@@ -117,7 +121,7 @@ def find_or_carve(source: PhysicalSource, limits: Limits | None = None) -> Any:
             raise ProfileError(f"{missing}. Carving from memory failed too: {exc}") from exc
     wanted = found.producer.get("btf_sha256")
     if wanted and not _btf_in_memory_is(source, found, wanted, limits or Limits()):
-        log.warning("cached %s: the guest's BTF differs; carving again", found.name)
+        _warn("cached %s: the guest's BTF differs; carving again", found.name)
         return carve_profile(source, limits)
     return found
 

@@ -35,7 +35,7 @@ from vmishell.errors import ProfileError
 from vmishell.symbols.btf import paused_gc
 
 #: Bumped whenever the compiled layout changes; older cache entries are rebuilt.
-COMPILED_VERSION = 4
+COMPILED_VERSION = 5
 _CACHE_MAGIC = b"VMIPROF\0"
 MAX_ENTRIES = 16  # compiled profiles kept in the cache directory
 _RACY_SECONDS = 2.0  # a fingerprint recorded sooner than this after a change is re-verified
@@ -487,7 +487,7 @@ class ProfileCache:
             self.remember(path, before, path.stat(), digest)
         return digest
 
-    def get(self, digest: str) -> dict[str, bytes] | None:
+    def get(self, digest: str) -> dict[str, memoryview] | None:
         """The sections stored under `digest`; a corrupt entry is deleted and None returned."""
         entry = self.directory / f"{digest}.vmiprof"
         try:
@@ -506,7 +506,12 @@ class ProfileCache:
 
     def put(self, digest: str, sections: Mapping[str, bytes]) -> None:
         """Store an entry; failures (read-only dir, full disk) only lose the speed-up."""
-        payload = marshal.dumps(dict(sections))
+        # The payload: an index of (name, length), then the sections back to back, so
+        # that opening an entry slices it instead of copying every section again.
+        index = marshal.dumps([(name, len(sections[name])) for name in SECTIONS])
+        payload = b"".join(
+            (len(index).to_bytes(4, "little"), index, *(bytes(sections[n]) for n in SECTIONS))
+        )
         head = marshal.dumps((COMPILED_VERSION, _PLATFORM, digest))
         blob = b"".join(
             (
@@ -560,8 +565,12 @@ class ProfileCache:
         return digest if isinstance(digest, str) and len(digest) == 64 else None
 
 
-def _decode_entry(blob: bytes, digest: str) -> dict[str, bytes]:
-    """Check and unpack a cache entry; ValueError (or EOF/Type/KeyError) if corrupt."""
+def _decode_entry(blob: bytes, digest: str) -> dict[str, memoryview]:
+    """Check a cache entry and slice out its sections; ValueError (...) if corrupt.
+
+    The sections are views of `blob`: opening a profile copies nothing more
+    than the tables it then unpacks.
+    """
     if not blob.startswith(_CACHE_MAGIC):
         raise ValueError("bad magic")
     pos = len(_CACHE_MAGIC)
@@ -573,13 +582,21 @@ def _decode_entry(blob: bytes, digest: str) -> dict[str, bytes]:
         raise ValueError("written by another version")
     if stored_digest != digest:
         raise ValueError("entry belongs to another file")
-    checksum, payload = blob[pos : pos + 4], blob[pos + 4 :]
+    checksum, payload = blob[pos : pos + 4], memoryview(blob)[pos + 4 :]
     if zlib.crc32(payload).to_bytes(4, "little") != checksum:
         raise ValueError("checksum mismatch")
-    sections = marshal.loads(payload)
-    if not isinstance(sections, dict) or set(sections) != set(SECTIONS):
+    index_len = int.from_bytes(payload[:4], "little")
+    index = marshal.loads(payload[4 : 4 + index_len])
+    if not isinstance(index, list) or [n for n, _ in index] != list(SECTIONS):
         raise ValueError("unexpected layout")
-    if not all(isinstance(v, bytes) for v in sections.values()):
+    sections: dict[str, memoryview] = {}
+    pos = 4 + index_len
+    for name, length in index:
+        if not isinstance(length, int) or length < 0 or pos + length > len(payload):
+            raise ValueError("unexpected layout")
+        sections[name] = payload[pos : pos + length]
+        pos += length
+    if pos != len(payload):
         raise ValueError("unexpected layout")
     return sections
 

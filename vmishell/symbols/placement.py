@@ -80,7 +80,7 @@ class KernelHints:
 def _comm_is_swapper(source: PhysicalSource, hints: KernelHints, shift: int) -> bool:
     comm = kernel_phys(hints.arch, hints.init_task, shift) + hints.comm_offset
     try:
-        return source.read(comm, 16).split(b"\0")[0] in (b"swapper/0", b"swapper")
+        return source.read_sparse(comm, 16).split(b"\0")[0] in (b"swapper/0", b"swapper")
     except VmiError:
         return False
 
@@ -93,7 +93,9 @@ def aligned_shifts(source: PhysicalSource, hints: KernelHints, limits: Limits) -
     banner, unshifted = hints.banner, hints.unshifted_banner
     found: list[int] = []
     for start in range(unshifted % KASLR_ALIGN, source.size, KASLR_ALIGN):
-        if not source.is_valid(start, len(banner)) or source.read(start, len(banner)) != banner:
+        if not source.is_valid(start, len(banner)):
+            continue
+        if source.read_sparse(start, len(banner)) != banner:
             continue
         shift = start - unshifted
         if _comm_is_swapper(source, hints, shift):

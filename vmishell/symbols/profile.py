@@ -92,7 +92,11 @@ class Profile:
     """Answers symbol and layout questions about one kernel build."""
 
     def __init__(
-        self, sections: Mapping[str, bytes], *, name: str | None = None, path: Path | None = None
+        self,
+        sections: Mapping[str, bytes | memoryview],
+        *,
+        name: str | None = None,
+        path: Path | None = None,
     ) -> None:
         self._sections = sections
         #: The ISF file this profile was read from (None when built in memory).

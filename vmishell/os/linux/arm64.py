@@ -91,23 +91,6 @@ class Arm64Paging:
         return f"{self.granule >> 10} KiB granule, {self.va_bits}-bit VA"
 
 
-def is_arm64(profile: Profile) -> bool:
-    """Whether the profile describes an arm64 kernel.
-
-    The producer says so when vmishell built the profile (its `arch`, "aarch64");
-    otherwise arm64's own CPU record (`struct cpuinfo_arm64`, in every arm64 BTF
-    and DWARF) tells it apart from x86's `cpuinfo_x86`.
-    """
-    producer = profile.producer
-    for key in ("arch", "architecture"):
-        value = str(producer.get(key, "")).lower()
-        if value in ("arm64", "aarch64"):
-            return True
-        if value:
-            return False
-    return profile.pointer_size == 8 and profile.has_type("cpuinfo_arm64")
-
-
 def _producer_int(profile: Profile, key: str) -> int | None:
     value = profile.producer.get(key)
     try:
@@ -414,4 +397,4 @@ def _slides_from_image(source: PhysicalSource, profile: Profile, image: _Image) 
     return [] if voffset is None else [image.slide_from_voffset(voffset)]
 
 
-__all__ = ["Arm64Paging", "arm64_translator", "is_arm64", "locate_arm64", "profile_granule"]
+__all__ = ["Arm64Paging", "arm64_translator", "locate_arm64", "profile_granule"]

@@ -8,7 +8,6 @@ from vmishell.arch import AddressSpace, PagingMode, Translator
 from vmishell.arch.registers import PTI_USER_PGD_BIT
 from vmishell.errors import GuestDataError, VmiError
 from vmishell.limits import Limits, TextBudget
-from vmishell.os.linux.arm64 import Arm64Paging, arm64_translator
 from vmishell.os.linux.cpu import KernelCpu, kernel_cpu
 from vmishell.os.linux.kernel import KernelLocation
 from vmishell.os.linux.layout import maple_layout, mm_layout, task_layout, vma_layout
@@ -66,7 +65,7 @@ class LinuxGuest:
     def page_size(self) -> int:
         """The kernel's PAGE_SIZE: the arm64 granule, 4 KiB on x86."""
         mode = self.location.mode
-        return mode.granule if isinstance(mode, Arm64Paging) else 4096
+        return 4096 if isinstance(mode, PagingMode) else mode.granule
 
     def symbol(self, name: str) -> int:
         """Run-time virtual address of a kernel symbol."""
@@ -130,7 +129,9 @@ class LinuxGuest:
         On arm64 `dtb` is the space's TTBR0 beside the kernel's TTBR1 (see
         `arm64`); the kernel's own table stands for a space with no user half.
         """
-        if isinstance(self.location.mode, Arm64Paging):
+        if not isinstance(self.location.mode, PagingMode):  # arm64
+            from vmishell.os.linux.arm64 import arm64_translator
+
             return arm64_translator(  # type: ignore[return-value]
                 walk_source(self.source),
                 self.location.mode,
