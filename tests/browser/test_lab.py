@@ -6,6 +6,9 @@
 - A widget notebook (synthetic guest bytes, no QEMU) shows the live widgets:
   a table of thousands of rows pages, the watch updates while we look, Stop
   stops it, and guest strings are text, not markup.
+- The user's own notebook, saved from the page (Ctrl+S), its kernel shut
+  down, reopened: every widget shows its last state from the widget state
+  JupyterLab saved with it (vmishell's environment turns saving it on).
 - The same notebook in a JupyterLab without the widget front end shows every
   widget's snapshot and the hint saying how to fix the set-up, never a repr.
 """
@@ -13,10 +16,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import sys
 import time
+import urllib.request
 from typing import Any
 
 import nbformat
@@ -72,6 +78,24 @@ STATE = """() => {
             .map(o => o.ename + ': ' + o.evalue),
     };
 }"""
+
+
+SAVE = """async () => {
+    const app = window.jupyterapp;
+    const panel = app.shell.currentWidget;
+    await app.commands.execute('docmanager:save');  // what Ctrl+S runs
+    return panel.context.model.dirty;
+}"""
+
+SHUT_DOWN_KERNEL = """async () => {
+    const session = window.jupyterapp.shell.currentWidget.sessionContext;
+    const id = session.session?.kernel?.id;
+    await session.shutdown();
+    return id;
+}"""
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
 def _notebook(cells: list[str]) -> nbformat.NotebookNode:
@@ -201,6 +225,98 @@ def test_a_committed_notebook_reopened_without_its_kernel_shows_every_widget(lab
     shown = "\n".join(page.locator(".jp-OutputArea-output").all_text_contents())
     assert "Error displaying widget" not in shown
     assert not console.errors(*COMM_ERRORS, "model not found"), console.messages
+
+
+def _kernels_of(lab: Any, name: str) -> list[str]:
+    """The ids of the kernels the server runs for notebook `name` (its REST API)."""
+    with urllib.request.urlopen(f"{lab.url}api/sessions?token={lab.token}", timeout=10) as r:
+        sessions = json.load(r)
+    return [s["kernel"]["id"] for s in sessions if s["path"] == name and s.get("kernel")]
+
+
+def test_a_notebook_saved_in_jupyterlab_reopens_without_its_kernel_with_every_widget(
+    lab, page
+) -> None:
+    """Save from the page, shut the kernel down, reopen: the widgets show their last state.
+
+    JupyterLab keeps widget state in a saved notebook only when its widget
+    manager's saveState is on; vmishell's install makes that the default of
+    the JupyterLab in its environment (jupyter-config/, installed into
+    sys.prefix), which this server reads as a user's would.
+    """
+    page, console = page
+    name = "mine.ipynb"
+    open_and_run(page, lab, name, _notebook(WIDGET_NOTEBOOK), timeout=60)
+    cells = page.locator(".jp-Notebook .jp-CodeCell")
+    table, hexview, watch = (cells.nth(i).locator(".jp-OutputArea-output") for i in (1, 2, 3))
+    # A last state that is not the first one: the table on page 2, the watch stopped
+    # after it saw changes.
+    page.wait_for_selector(".widget-dropdown select", timeout=20_000)
+    table.get_by_role("button", name="next ▶").click()
+    table.get_by_text("rows 51–100 of 3000, page 2 of 60").wait_for(timeout=10_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some(e => "
+        "(m = e.textContent.match(/(\\d+) changes/)) && +m[1] >= 3)",
+        timeout=20_000,
+    )
+    watch.get_by_role("button", name="Stop").click()
+    watch.get_by_role("button", name="Stopped").wait_for(timeout=10_000)
+    time.sleep(1)  # the kernel's last redraws (the snapshot) arrive before the save
+    before = {
+        "table": table.locator("table.vmishell tbody tr").first.inner_text(),
+        "hex": hexview.locator("pre.vmishell-hex").inner_text(),
+        "watch": watch.locator(".widget-html", has_text="bytes at 0x1000").inner_text(),
+        "history": watch.locator("table.vmishell tbody tr").count(),
+    }
+    assert "stopped (stopped from the widget)" in before["watch"], before
+    assert before["history"] >= 3, before
+
+    assert page.evaluate(SAVE) is False, "saved, nothing left unsaved"
+    old_kernel = page.evaluate(SHUT_DOWN_KERNEL)
+    deadline = time.monotonic() + 20
+    while _kernels_of(lab, name) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not _kernels_of(lab, name), "the notebook's kernel is gone"
+
+    page.goto(lab.notebook_url(name))  # a new page: no widget model left in the browser
+    outputs = page.locator(".jp-OutputArea-output")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-OutputArea-output')].some(e => "
+        "e.textContent.includes('page 2 of 60') || e.textContent.includes('Error displaying'))",
+        timeout=30_000,
+    )
+    shown = "\n".join(outputs.all_text_contents())
+    assert "Error displaying widget" not in shown, (
+        "the saved widgets did not come back (JupyterLab saved no widget state?); vmishell's "
+        "default is jupyter-config/labconfig/default_setting_overrides.d/vmishell.json in "
+        f"{sys.prefix}/etc/jupyter (pip install ., or scripts/install)"
+    )
+    assert old_kernel not in _kernels_of(lab, name), "not the kernel that made the widgets"
+    cells = page.locator(".jp-Notebook .jp-CodeCell")
+    table, hexview, watch = (cells.nth(i).locator(".jp-OutputArea-output") for i in (1, 2, 3))
+    # Every widget: the widget itself (not its snapshot), in its last state.
+    assert table.get_by_text("rows 51–100 of 3000, page 2 of 60").is_visible()
+    assert table.locator(".widget-dropdown select").count() == 1
+    assert table.locator("table.vmishell tbody tr").count() == 50
+    assert table.locator("table.vmishell tbody tr").first.inner_text() == before["table"]
+    assert hexview.locator(".widget-html pre.vmishell-hex").inner_text() == before["hex"]
+    status = watch.locator(".widget-html", has_text="bytes at 0x1000")
+    assert status.inner_text() == before["watch"]
+    assert watch.locator("table.vmishell tbody tr").count() == before["history"]
+    assert watch.get_by_role("button", name="Stopped").is_visible()
+    assert outputs.locator(".vmishell-snapshot").count() == 0, "the widgets, not the snapshots"
+    assert not console.errors(*COMM_ERRORS, "model not found"), console.messages
+    # What made it so: the saved file has every widget output's model in its widget state.
+    saved = nbformat.read(lab.root / name, as_version=4)
+    state = saved.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    views = [
+        out["data"][WIDGET_VIEW]["model_id"]
+        for cell in saved.cells
+        for out in cell.get("outputs", [])
+        if WIDGET_VIEW in out.get("data", {})
+    ]
+    assert len(views) == 3, "the table, the hex viewer and the watch"
+    assert all(v in state for v in views), (views, sorted(state)[:5])
 
 
 # -- without the widget front end ---------------------------------------------------------------

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 #: What a build reads; nothing else of the checkout (no build/ left over) goes in.
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "vmishell", "profiles")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "vmishell", "profiles", "jupyter-config")
 SHIPPED = sorted(p.name for p in (REPO / "profiles").iterdir() if p.name.endswith(".json.xz"))
 
 
@@ -130,6 +130,16 @@ def test_the_installed_vmishell_finds_its_shipped_profiles(installed: Installed)
     found = [Path(p) for p in json.loads(done.stdout)]
     assert sorted(p.name for p in found) == SHIPPED
     assert all(p.is_relative_to(installed.venv) for p in found), found
+
+
+def test_the_wheel_makes_saving_widget_state_jupyterlabs_default(installed: Installed) -> None:
+    """In etc/jupyter/labconfig, which jupyterlab_server reads; no share/jupyter/lab folder,
+    which a JupyterLab from outside the venv would take for its app dir (and lose its assets)."""
+    default = installed.venv / "etc/jupyter/labconfig/default_setting_overrides.d/vmishell.json"
+    assert json.loads(default.read_text()) == {
+        "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}
+    }
+    assert not (installed.venv / "share" / "jupyter" / "lab").exists()
 
 
 def test_vmishell_ps_from_the_wheel_lists_a_lab_guests_processes(
