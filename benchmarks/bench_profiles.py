@@ -146,18 +146,23 @@ def carve_main(argv: list[str]) -> int:
             print("pakunoda      : not found (pip install pakunoda into a venv, set $PAKUNODA)")
         empty = tmpdir / "no-profiles"
         empty.mkdir()
-        env = dict(os.environ, XDG_CACHE_HOME=str(tmpdir / "xdg"), HOME=str(tmpdir / "home"))
-        env.pop("VMISHELL_PROFILE_PATH", None)
-        cold = json.loads(subprocess.run(
-            [sys.executable, "-c", _NOTHING_PREPARED, str(dump), str(empty)],
-            capture_output=True, text=True, check=True, env=env,
-        ).stdout.strip().splitlines()[-1])  # fmt: skip
+        colds = []
+        for n in range(3):  # each from nothing: fresh caches, no profile on disk
+            home = tmpdir / f"run{n}"
+            env = dict(os.environ, XDG_CACHE_HOME=str(home / "xdg"), HOME=str(home / "home"))
+            env.pop("VMISHELL_PROFILE_PATH", None)
+            colds.append(json.loads(subprocess.run(
+                [sys.executable, "-c", _NOTHING_PREPARED, str(dump), str(empty)],
+                capture_output=True, text=True, check=True, env=env,
+            ).stdout.strip().splitlines()[-1]))  # fmt: skip
+        cold = min(colds, key=lambda r: r["s"])
         warm = json.loads(subprocess.run(
             [sys.executable, "-c", _NOTHING_PREPARED, str(dump), str(empty)],
             capture_output=True, text=True, check=True, env=env,
         ).stdout.strip().splitlines()[-1])  # fmt: skip
-        print(f"nothing prepared -> first processes(): {cold['s']:.2f} s (attach "
-              f"{cold['attach']:.2f} s, {cold['n']} processes, profile {cold['origin']}, "
+        spread = ", ".join(f"{r['s']:.2f}" for r in colds)
+        print(f"nothing prepared -> first processes(): {cold['s']:.2f} s best of 3 ({spread}; "
+              f"attach {cold['attach']:.2f} s, {cold['n']} processes, profile {cold['origin']}, "
               f"{cold['rss']:.0f} MiB)  (target <= 2 s)")  # fmt: skip
         print(f"second attach (carved profile cached): {warm['s']:.2f} s "
               f"(profile {warm['origin']})")  # fmt: skip

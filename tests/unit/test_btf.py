@@ -291,6 +291,25 @@ def test_a_type_id_out_of_range_raises_profile_error() -> None:
         parse_btf(w.bytes())
 
 
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        ((K.PTR, "", 0, 77), "its type refers to type id 77"),
+        ((K.TYPEDEF, "t", 0, 77), "its type refers to type id 77"),
+        ((K.ARRAY, "", 0, 0, 77, 1, 4), "its type refers to type id 77"),
+        ((K.ARRAY, "", 0, 0, 1, 77, 4), "its index type refers to type id 77"),
+        ((K.FUNC_PROTO, "", 1, 0, 0, 77), "parameter '' refers to type id 77"),
+        ((K.DATASEC, ".data", 1, 8, 77, 0, 8), "a section variable refers to type id 77"),
+    ],
+)
+def test_every_kind_of_reference_past_the_last_type_is_named(record: tuple, says: str) -> None:
+    w = BtfWriter()
+    w.add(K.INT, "int", 0, 4, 32)
+    w.add(*record)
+    with pytest.raises(ProfileError, match=rf"{re.escape(says)}, beyond the last type id 2"):
+        parse_btf(w.bytes())
+
+
 def test_offsets_beyond_the_data_raise_profile_error() -> None:
     w, _ = sample_btf()
     data = bytearray(w.bytes())

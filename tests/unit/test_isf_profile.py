@@ -431,3 +431,40 @@ def test_a_profile_built_in_memory_has_no_path() -> None:
     profile = Profile.from_isf(build_sample(), "fresh")
     assert (profile.path, profile.origin) == (None, "memory")
     assert profile.provenance.startswith("profile fresh built in memory")
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"address": -1}, "address -0x1 is not 64-bit"),
+        ({"address": 1 << 64}, "is not 64-bit"),
+        ({"address": "nowhere"}, "has no valid address"),
+        ({"type": {"kind": "base", "name": "int"}}, "has no valid address"),
+        ([16], "has no valid address"),
+    ],
+)
+def test_a_bad_symbol_address_is_named(body: object, says: str) -> None:
+    from tests.support.isf import tiny_isf
+
+    isf = tiny_isf()
+    isf["symbols"]["bad_one"] = body
+    with pytest.raises(ProfileError, match=rf"symbol bad_one .*{says}|symbol bad_one {says}"):
+        Profile.from_isf(isf, "bad")
+
+
+def test_symbols_compile_alike_on_the_fast_and_the_careful_path() -> None:
+    from tests.support.isf import tiny_isf
+
+    isf = tiny_isf()
+    fast = isf_module.compile_isf(isf, "t")
+    odd = json.loads(json.dumps(isf))
+    first = next(iter(odd["symbols"]))
+    odd["symbols"][first]["address"] = str(odd["symbols"][first]["address"])  # takes the slow path
+    careful = Profile(isf_module.compile_isf(odd, "t"))
+    fast = Profile(fast)
+    names = fast.symbol_names()
+    assert careful.symbol_names() == names and len(names) > 3
+    for sym in names:
+        assert careful.symbol_address(sym) == fast.symbol_address(sym)
+        assert careful.symbol_type(sym) == fast.symbol_type(sym)
+    assert careful.banner == fast.banner

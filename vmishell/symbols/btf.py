@@ -150,8 +150,9 @@ class Btf:
         self._str_base = str_start
         self._names: dict[int, str] = {0: ""}
         self.types: list[BtfType] = [_VOID]
-        self._parse_types(data)
-        self._check_references()
+        top = self._parse_types(data)
+        if top >= len(self.types):  # some reference points past the last type: say which
+            self._check_references()
         self._check_cycles()
         self._by_name: dict[str, list[int]] | None = None
 
@@ -181,7 +182,8 @@ class Btf:
         self._names[off] = name
         return name
 
-    def _parse_types(self, data: bytes) -> None:
+    def _parse_types(self, data: bytes) -> int:
+        """Decode every type record; returns the highest type id any record refers to."""
         base = self.hdr_len + self.type_off
         words = array("I")
         if words.itemsize != 4:  # pragma: no cover - every CPython platform has 4-byte I
@@ -198,6 +200,7 @@ class Btf:
         new = tuple.__new__
         i = 0
         tid = 0
+        top = 0  # the highest type id referred to, checked against the count at the end
         while i < n:
             tid += 1
             where = base + 4 * i
@@ -225,9 +228,13 @@ class Btf:
                 size = size_or_type
             else:
                 ref = size_or_type
+                if ref > top:
+                    top = ref
             if kind in (_STRUCT, _UNION):
                 members = []
                 for j in range(i, i + 3 * vlen, 3):
+                    if words[j + 1] > top:
+                        top = words[j + 1]
                     moff = words[j + 2]
                     mname = get_name(words[j])
                     if mname is None:
@@ -244,6 +251,8 @@ class Btf:
             elif kind == _FUNC_PROTO:
                 params = []
                 for j in range(i, i + 2 * vlen, 2):
+                    if words[j + 1] > top:
+                        top = words[j + 1]
                     pname = get_name(words[j])
                     if pname is None:
                         pname = slow_name(words[j], where)
@@ -255,6 +264,7 @@ class Btf:
             elif kind == _ARRAY:
                 extra = BtfArray(words[i], words[i + 1], words[i + 2])
                 ref = words[i]
+                top = max(top, ref, words[i + 1])
             elif kind == _ENUM:
                 extra = tuple(
                     (slow_name(words[j], where), _s32(words[j + 1]) if kflag else words[j + 1])
@@ -270,12 +280,14 @@ class Btf:
                     BtfVarSecinfo(words[j], words[j + 1], words[j + 2])
                     for j in range(i, i + 3 * vlen, 3)
                 )
+                top = max((top, *(v.type for v in extra)))
             elif kind == _VAR:
                 extra = (words[i],)
             elif kind == _DECL_TAG:
                 extra = (_s32(words[i]),)
             append(new(BtfType, (tid, kind, nm, size, ref, kflag, vlen, extra, where)))
             i += count
+        return top
 
     def _check_references(self) -> None:
         limit = len(self.types)

@@ -89,9 +89,16 @@ def _save_in_background(isf: dict, path: Path) -> None:
                 code = 0
             finally:
                 os._exit(code)
-        thread = threading.Thread(target=os.waitpid, args=(pid, 0), name="vmishell-carve-save")
+        # The reaper holds the ISF until the child is gone: freed here meanwhile, its
+        # ~10^6 objects would each cost a copy-on-write page copy of what the child reads.
+        thread = threading.Thread(target=_reap, args=(pid, isf), name="vmishell-carve-save")
     _writers.append(thread)
     thread.start()
+
+
+def _reap(pid: int, isf: dict) -> None:
+    """Wait for the saving child; `isf` is released (and freed) only after it exits."""
+    os.waitpid(pid, 0)
 
 
 def wait_for_cache() -> None:

@@ -366,25 +366,11 @@ def compile_isf(isf: Mapping[str, Any], name: str, *, lazy_types: bool = False) 
         # Code-point order is UTF-8 byte order (lone surrogates were refused above), so
         # names sorted as text are the packed table's keys in order.
         names = sorted(table)
-        by_name = array("Q")
-        values: list[bytes] = []
-        constant_data: dict[str, bytes] = {}
-        for sname in names:
-            body = table[sname]
-            try:
-                address = int(body["address"])
-            except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                raise ProfileError(f"{name}: symbol {sname} has no valid address") from exc
-            if not 0 <= address < 1 << 64:
-                raise ProfileError(f"{name}: symbol {sname} address {address:#x} is not 64-bit")
-            by_name.append(address)
-            values.append(
-                dumps(_desc(body["type"], intern, f"{name}: symbol {sname}"))
-                if "type" in body
-                else b""
-            )
-            if "constant_data" in body:
-                constant_data[sname] = _b64(body["constant_data"], f"{name}: symbol {sname}")
+        try:
+            by_name, values, constant_data = _compile_symbols_fast(table, names, intern, name)
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ProfileError):
+            # Something is off: the careful loop says which symbol and what.
+            by_name, values, constant_data = _compile_symbols(table, names, intern, name)
         order = sorted(range(len(by_name)), key=by_name.__getitem__)  # stable: then by name
         symbol_table = PackedTable.pack(
             [(n.encode(), v) for n, v in zip(names, values, strict=True)]
@@ -413,6 +399,57 @@ def compile_isf(isf: Mapping[str, Any], name: str, *, lazy_types: bool = False) 
         "constant_data": dumps(constant_data),
     }
     return sections
+
+
+def _compile_symbols_fast(
+    table: Mapping[str, Any], names: list[str], intern: _Interner, name: str
+) -> tuple[array, list[bytes], dict[str, bytes]]:
+    """Addresses, descriptors and constant data of the symbols, in `names` order.
+
+    The common case (every body a dict with an int address) in a few passes;
+    anything else raises, and `_compile_symbols` then names the culprit.
+    """
+    bodies = [table[n] for n in names]
+    addresses = [body["address"] for body in bodies]
+    if not all(type(a) is int for a in addresses):
+        raise TypeError("an address is not an int")
+    by_name = array("Q", addresses)  # OverflowError when negative or beyond 64 bits
+    dumps = marshal.dumps
+    values = [
+        dumps(_desc(body["type"], intern, f"{name}: symbol {sname}")) if "type" in body else b""
+        for sname, body in zip(names, bodies, strict=True)
+    ]
+    constant_data = {
+        sname: _b64(body["constant_data"], f"{name}: symbol {sname}")
+        for sname, body in zip(names, bodies, strict=True)
+        if "constant_data" in body
+    }
+    return by_name, values, constant_data
+
+
+def _compile_symbols(
+    table: Mapping[str, Any], names: list[str], intern: _Interner, name: str
+) -> tuple[array, list[bytes], dict[str, bytes]]:
+    """`_compile_symbols_fast`, one symbol at a time: the first bad one raises ProfileError."""
+    dumps = marshal.dumps
+    by_name = array("Q")
+    values: list[bytes] = []
+    constant_data: dict[str, bytes] = {}
+    for sname in names:
+        body = table[sname]
+        try:
+            address = int(body["address"])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ProfileError(f"{name}: symbol {sname} has no valid address") from exc
+        if not 0 <= address < 1 << 64:
+            raise ProfileError(f"{name}: symbol {sname} address {address:#x} is not 64-bit")
+        by_name.append(address)
+        values.append(
+            dumps(_desc(body["type"], intern, f"{name}: symbol {sname}")) if "type" in body else b""
+        )
+        if "constant_data" in body:
+            constant_data[sname] = _b64(body["constant_data"], f"{name}: symbol {sname}")
+    return by_name, values, constant_data
 
 
 def _producer(metadata: Mapping[str, Any]) -> dict[str, str]:

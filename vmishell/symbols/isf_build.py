@@ -578,19 +578,20 @@ class _IsfBuilder:
     ) -> dict[str, dict]:
         var_types = self._var_types()
         ordered = sorted(set(symbols.values()))
-        out: dict[str, dict] = {}
-        for name, address in symbols.items():
-            entry: dict[str, Any] = {"address": address}
+        # Most symbols are an address alone: one pass makes those, a second types the few.
+        out: dict[str, dict] = {name: {"address": address} for name, address in symbols.items()}
+        typed = (var_types.keys() | KNOWN_SYMBOL_TYPES.keys()) & out.keys()
+        for name in [n for n in symbols if n in typed]:  # in symbol order, as before
             if name in var_types:
-                entry["type"] = self.desc(var_types[name])
-            elif name in KNOWN_SYMBOL_TYPES:
-                spec = KNOWN_SYMBOL_TYPES[name]
-                for alternative in (spec,) if isinstance(spec, str) else spec:
-                    d = self._resolve_spec(alternative, name, address, ordered, sizes)
-                    if d is not None:
-                        entry["type"] = d
-                        break
-            out[name] = entry
+                out[name]["type"] = self.desc(var_types[name])
+                continue
+            spec = KNOWN_SYMBOL_TYPES[name]
+            address = symbols[name]
+            for alternative in (spec,) if isinstance(spec, str) else spec:
+                d = self._resolve_spec(alternative, name, address, ordered, sizes)
+                if d is not None:
+                    out[name]["type"] = d
+                    break
         if banner is not None:
             if "linux_banner" in out:
                 data = bytes(banner)
