@@ -467,6 +467,24 @@ def test_cache_holds_until_refresh(zero_copy: bool) -> None:
         tr.translate(va)
 
 
+def test_a_large_page_is_walked_once_for_all_its_small_pages_until_refresh() -> None:
+    b = PageTableBuilder(PagingMode.LEVEL4, ram_size=16 * MiB)
+    va = base_va(PagingMode.LEVEL4)
+    b.map(va, 0x20_0000, 2 * MiB)
+    src = b.source(live=True, writable=True)
+    tr = Translator(src, b.dtb, PagingMode.LEVEL4)
+    walks = []
+    walk = tr._walk
+    tr._walk = lambda vaddr, steps: walks.append(vaddr) or walk(vaddr, steps)  # type: ignore[method-assign]
+    for off in range(0, 2 * MiB, 0x1000):
+        assert tr.translate(va + off + 5).paddr == 0x20_0005 + off
+    assert walks == [va + 5]  # one walk, 512 small pages answered from it
+    src.write(b.entry_address(va, "PD"), (0x60_0000 | P | PS).to_bytes(8, "little"))
+    src.refresh()
+    assert tr.translate(va + 0x3000).paddr == 0x60_3000  # the new mapping, seen afresh
+    assert len(walks) == 2
+
+
 def test_non_live_source_keeps_caches_until_flush() -> None:
     b = PageTableBuilder(PagingMode.LEVEL4)
     va = base_va(PagingMode.LEVEL4)

@@ -54,16 +54,22 @@ class AddressSpace:
         if self.source.generation != tr._generation:
             tr.sync()
         page = tr._tlb.get(vaddr >> 12)
-        if page is not None:
-            off = vaddr - page[0]
-            if off + size <= page[2]:
-                # Within one known page (the common small read): one slice of RAM.
-                view = tr._seg_view
-                if view is not None:
-                    p = page[1] + off - tr._seg_start
-                    if p >= 0 and p + size <= tr._seg_len:
-                        return view[p : p + size].tobytes()
-                return self._copy([(page[1] + off, size, vaddr, page)], size, pad)
+        if page is None:
+            try:  # one walk (or a large page already known), then the same one-page path
+                page = tr._miss(vaddr)
+            except PageFault:
+                if not pad:
+                    raise
+                return self._copy(self._runs(vaddr, size, pad), size, pad)
+        off = vaddr - page[0]
+        if off + size <= page[2]:
+            # Within one page (the common small read): one slice of RAM.
+            view = tr._seg_view
+            if view is not None:
+                p = page[1] + off - tr._seg_start
+                if p >= 0 and p + size <= tr._seg_len:
+                    return view[p : p + size].tobytes()
+            return self._copy([(page[1] + off, size, vaddr, page)], size, pad)
         return self._copy(self._runs(vaddr, size, pad), size, pad)
 
     def _runs(self, vaddr: int, size: int, pad: bool) -> list[tuple[int, int, int, Page | None]]:

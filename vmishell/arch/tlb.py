@@ -1,10 +1,16 @@
 """The page cache ("TLB") every walker shares: one place for lookups, misses and invalidation.
 
 A walker subclasses `CachedWalks` and supplies `_walk(vaddr, steps)`; it sets
-`source`, `reader` (its TableReader), `_tlb`, `_tlb_size` and `_generation`
-in its constructor and calls `_note_segments()`. Everything cached is dropped
-when the source's generation changes, so a live guest is seen afresh after
-`source.refresh()` and never before.
+`source`, `reader` (its TableReader), `_tlb`, `_large`, `_tlb_size` and
+`_generation` in its constructor and calls `_note_segments()`.
+
+A large page (2 MiB, 1 GiB, an arm64 block) is also remembered whole, as a
+CPU's TLB does: a miss elsewhere in it is answered without a walk. That is
+what a live guest's kernel reads meet after every refresh: task_structs,
+creds and mm_structs spread over the direct map's 2 MiB and 1 GiB pages.
+
+Everything cached is dropped when the source's generation changes, so a live
+guest is seen afresh after `source.refresh()` and never before.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class CachedWalks:
     source: PhysicalSource
     reader: TableReader
     _tlb: dict[int, Page]
+    #: Large pages by size: {shift: {vaddr >> shift: page}}.
+    _large: dict[int, dict[int, Page]]
     _tlb_size: int
     _generation: int
     _seg_view: memoryview | None
@@ -47,6 +55,7 @@ class CachedWalks:
     def flush(self) -> None:
         """Drop every cached page and table unconditionally."""
         self._tlb.clear()
+        self._large.clear()
         self.reader.reload()
         self._note_segments()
         self._generation = self.source.generation
@@ -82,9 +91,22 @@ class CachedWalks:
     def _miss(self, vaddr: int) -> Page:
         """Walk for a page the TLB lacks and remember it (callers checked the generation)."""
         vaddr = operator.index(vaddr)
-        page = self._walk(vaddr, None)
+        for shift, pages in self._large.items():
+            page = pages.get(vaddr >> shift)
+            if page is not None:
+                break
+        else:
+            page = self._walk(vaddr, None)
+            size = page[2]
+            if size > 4096:
+                shift = size.bit_length() - 1
+                large = self._large.get(shift)
+                if large is None:
+                    large = self._large[shift] = {}
+                large[vaddr >> shift] = page
         tlb = self._tlb
         if len(tlb) >= self._tlb_size:
             tlb.clear()
+            self._large.clear()  # entered with a TLB entry each: bounded alike
         tlb[vaddr >> 12] = page
         return page

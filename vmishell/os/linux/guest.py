@@ -165,8 +165,14 @@ class LinuxGuest:
         """
         if not task.mm:
             return None
-        start = self.reader.pointer(task.mm + self._mm.arg_start)
-        end = self.reader.pointer(task.mm + self._mm.arg_end)
+        mm, size = self._mm, self.reader.pointer_size
+        if mm.arg_end == mm.arg_start + size:  # side by side, as in every kernel: one read
+            start, end = self.reader._pair.unpack(
+                self.reader.read(task.mm + mm.arg_start, 2 * size)
+            )
+        else:
+            start = self.reader.pointer(task.mm + mm.arg_start)
+            end = self.reader.pointer(task.mm + mm.arg_end)
         if not 0 <= end - start <= self.limits.max_cmdline:
             raise GuestDataError(f"pid {task.pid}: implausible argument area {start:#x}-{end:#x}")
         if budget is not None:

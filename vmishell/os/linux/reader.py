@@ -21,6 +21,7 @@ class KernelReader:
         self.space = space
         self.pointer_size = pointer_size
         self._ptr = struct.Struct("<Q" if pointer_size == 8 else "<I")
+        self._pair = struct.Struct("<QQ" if pointer_size == 8 else "<II")
 
     def read(self, vaddr: int, size: int) -> bytes:
         return self.space.read(vaddr, size)
@@ -42,6 +43,10 @@ class KernelReader:
 
     def pointer(self, vaddr: int) -> int:
         return self._ptr.unpack(self.space.read(vaddr, self.pointer_size))[0]
+
+    def pointer_pair(self, vaddr: int) -> tuple[int, int]:
+        """Two pointers side by side (a list_head, a start/end pair) in one read."""
+        return self._pair.unpack(self.space.read(vaddr, 2 * self.pointer_size))
 
     def cstring(self, vaddr: int, limit: int) -> bytes:
         """Bytes up to the first NUL, at most `limit`, reading page by page."""
@@ -90,16 +95,19 @@ class KernelReader:
                 raise GuestDataError(f"{what}: more than {cap} entries (list at {head:#x})")
             seen.add(node)
             problem = None
-            try:
-                prev = self.pointer(node + self.pointer_size)
-            except VmiError as exc:
-                problem = f"{what}: cannot read the prev link at {node:#x}: {exc}"
-            else:
-                if prev != before:
-                    problem = (
-                        f"{what}: reached from {before:#x} but its prev link names "
-                        f"{prev:#x} (list tampered with, or changing: pause a live guest)"
-                    )
+            following: int | None = None
+            try:  # next and prev in one read (a list_head is the two, side by side)
+                following, prev = self.pointer_pair(node)
+            except VmiError:
+                try:
+                    prev = self.pointer(node + self.pointer_size)
+                except VmiError as exc:
+                    problem = f"{what}: cannot read the prev link at {node:#x}: {exc}"
+            if problem is None and prev != before:
+                problem = (
+                    f"{what}: reached from {before:#x} but its prev link names "
+                    f"{prev:#x} (list tampered with, or changing: pause a live guest)"
+                )
             if problem and astray:
                 # Two links in a row that do not point back: this is no longer the
                 # list but whatever memory the bad link led to. Stop, do not list it.
@@ -110,12 +118,14 @@ class KernelReader:
             astray = problem is not None
             yield node, problem
             before = node
-            try:
-                node = self.pointer(node)
-            except VmiError as exc:
-                raise GuestDataError(
-                    f"{what}: cannot follow link at {node:#x} (entry {count}): {exc}"
-                ) from exc
+            if following is None:
+                try:
+                    following = self.pointer(node)
+                except VmiError as exc:
+                    raise GuestDataError(
+                        f"{what}: cannot follow link at {node:#x} (entry {count}): {exc}"
+                    ) from exc
+            node = following
 
 
 def decode_guest_string(raw: bytes) -> str:

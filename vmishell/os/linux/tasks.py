@@ -165,7 +165,11 @@ class TaskWalker:
         if cred_off is not None:
             try:
                 cred = ptr(raw, cred_off)[0]
-                uid, gid = r.u32(cred + t.cred_uid), r.u32(cred + t.cred_gid)
+                if t.cred_gid == t.cred_uid + 4:  # side by side, as in every kernel: one read
+                    ids = r.read(cred + t.cred_uid, 8)
+                    uid, gid = int.from_bytes(ids[:4], "little"), int.from_bytes(ids[4:], "little")
+                else:
+                    uid, gid = r.u32(cred + t.cred_uid), r.u32(cred + t.cred_gid)
             except VmiError as exc:
                 errors.append(f"cred: {exc}")
         if not (0 <= pid <= PID_MAX_LIMIT and 0 <= tgid <= PID_MAX_LIMIT):
