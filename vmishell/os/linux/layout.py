@@ -1,12 +1,14 @@
 """The offsets the Linux layer uses, looked up once per profile.
 
 Looking fields up by name on every task would re-walk the profile on the hot
-path; this table is built once at attach and then only indexed.
+path; this table is built once at attach and then only indexed. The tables
+are named tuples, not dataclasses: ~80 fields of frozen dataclasses cost
+every attach several milliseconds of generated code at import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmishell.errors import SymbolNotFound
 from vmishell.symbols.profile import Profile
@@ -19,8 +21,7 @@ def _first_field(profile: Profile, struct: str, *names: str) -> int | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class TaskLayout:
+class TaskLayout(NamedTuple):
     size: int
     tasks: int
     pid: int
@@ -50,8 +51,7 @@ class TaskLayout:
     worker_full_id: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class MmLayout:
+class MmLayout(NamedTuple):
     size: int
     pgd: int
     mm_mt: int | None
@@ -64,8 +64,7 @@ class MmLayout:
     start_stack: int
 
 
-@dataclass(frozen=True, slots=True)
-class VmaLayout:
+class VmaLayout(NamedTuple):
     size: int
     vm_start: int
     vm_end: int
@@ -94,8 +93,7 @@ class VmaLayout:
     vfsmount_root: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class MapleLayout:
+class MapleLayout(NamedTuple):
     """Offsets inside `struct maple_node`, for each node type that holds ranges.
 
     `*_meta` is the offset of `maple_metadata.end`, the last used slot of a
