@@ -7,6 +7,7 @@ matched by banner is used only if the guest's BTF still has its checksum.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -85,6 +86,8 @@ def _save_in_background(isf: dict, path: Path) -> None:
         if pid == 0:  # the child: save, then leave without running the parent's cleanup
             code = 1
             try:
+                with contextlib.suppress(OSError):
+                    os.nice(10)  # background work: the attach that goes on comes first
                 save()
                 code = 0
             finally:
