@@ -167,9 +167,7 @@ class LinuxGuest:
             return None
         mm, size = self._mm, self.reader.pointer_size
         if mm.arg_end == mm.arg_start + size:  # side by side, as in every kernel: one read
-            start, end = self.reader._pair.unpack(
-                self.reader.read(task.mm + mm.arg_start, 2 * size)
-            )
+            start, end = self.reader.pointer_pair(task.mm + mm.arg_start)
         else:
             start = self.reader.pointer(task.mm + mm.arg_start)
             end = self.reader.pointer(task.mm + mm.arg_end)
