@@ -1,8 +1,8 @@
 """The page cache ("TLB") every walker shares: one place for lookups, misses and invalidation.
 
-A walker subclasses `CachedWalks` and supplies `_walk(vaddr, steps)`; it sets
-`source`, `reader` (its TableReader), `_tlb`, `_large`, `_tlb_size` and
-`_generation` in its constructor and calls `_note_segments()`.
+A walker subclasses `CachedWalks` and supplies `_walk(vaddr, steps)`; its
+constructor sets `source` and `reader` (its TableReader), then calls
+`_start_caches(tlb_size)`.
 
 A large page (2 MiB, 1 GiB, an arm64 block) is also remembered whole, as a
 CPU's TLB does: a miss elsewhere in it is answered without a walk. That is
@@ -16,7 +16,7 @@ guest is seen afresh after `source.refresh()` and never before.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmishell.arch.results import Page, Translation, WalkStep
 from vmishell.arch.results import _new as _new
@@ -39,6 +39,7 @@ class CachedWalks:
     _large: dict[int, dict[int, Page]]
     _tlb_size: int
     _generation: int
+    _unpack_entry: Any
     _seg_view: memoryview | None
     _seg_start: int
     _seg_len: int
@@ -47,6 +48,15 @@ class CachedWalks:
         raise NotImplementedError
 
     # -- caches ---------------------------------------------------------------------------
+    def _start_caches(self, tlb_size: int) -> None:
+        """Empty caches at the source's current generation (for the walker's constructor)."""
+        self._tlb = {}
+        self._large = {}
+        self._tlb_size = max(1, tlb_size)
+        self._generation = self.source.generation
+        self._unpack_entry = self.reader.entry.unpack_from
+        self._note_segments()
+
     def sync(self) -> None:
         """Drop every cached page and table if the source changed generation."""
         if self.source.generation != self._generation:

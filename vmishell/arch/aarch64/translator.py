@@ -155,14 +155,7 @@ class Arm64Translator(CachedWalks):
         )
         self.max_mapping_work = max_mapping_work
         self.reader = TableReader(source, 8, max_cached_tables=max_cached_tables)
-        self._tlb: dict[int, Page] = {}
-        self._large: dict[int, dict[int, Page]] = {}
-        self._tlb_size = max(1, tlb_size)
-        self._generation = source.generation
-        self._unpack_entry = self.reader.entry.unpack_from
-        self._seg_view: memoryview | None = None
-        self._seg_start = self._seg_len = 0
-        self._note_segments()
+        self._start_caches(tlb_size)
 
     @classmethod
     def from_tcr(
