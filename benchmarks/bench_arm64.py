@@ -21,20 +21,20 @@ from 0x40000000) is measured too.
 from __future__ import annotations
 
 import argparse
-import gc
 import mmap
 import os
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_translate import random_pages, timed
+
 from tests.support.arm64tables import AF, AP_EL0, PXN, UXN, VIRT_RAM, Arm64TableBuilder
-from vmishell.arch import AddressSpace, Mapping, PagingMode, Translator
+from vmishell.arch import AddressSpace, PagingMode, Translator
 from vmishell.arch.aarch64 import Arm64Translator
 from vmishell.sources.files import RawImageSource
 from vmishell.sources.memory import BufferSource
@@ -75,36 +75,6 @@ def open_mapped(path: Path, base: int) -> BufferSource:
     finally:
         os.close(fd)
     return BufferSource([(base, memoryview(m))], description=f"{path.name} at {base:#x}")
-
-
-def timed(fn: Callable[[], object], repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        finally:
-            gc.enable()
-    return best
-
-
-def random_pages(maps: list[Mapping], n: int, rng: random.Random) -> list[int]:
-    total = sum(m.size for m in maps)
-    ends, acc = [], 0
-    for m in maps:
-        acc += m.size
-        ends.append(acc)
-    import bisect
-
-    out = []
-    for _ in range(n):
-        x = rng.randrange(total)
-        i = bisect.bisect_right(ends, x)
-        out.append((maps[i].vaddr + x - (ends[i] - maps[i].size)) & ~0xFFF)
-    return out
 
 
 def measure(new: Callable[[], Translator | Arm64Translator], quick: bool) -> dict[str, float]:
