@@ -30,15 +30,7 @@ RAM = 0x4000_0000
 
 
 def translator(b: Arm64TableBuilder, max_work: int = Limits().max_mapping_work) -> Arm64Translator:
-    return Arm64Translator(
-        b.source(),
-        ttbr0=b.ttbr(0),
-        ttbr1=b.ttbr(1),
-        granule=b.granule,
-        va_bits=b.va[0],
-        lpa2=b.fmt == "lpa2",
-        max_mapping_work=max_work,
-    )
+    return b.translator(lpa2=b.fmt == "lpa2", max_mapping_work=max_work)
 
 
 def counted(call: Callable[[], object]) -> tuple[object, int]:

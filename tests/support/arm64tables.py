@@ -9,9 +9,14 @@ QEMU's `virt` machine. Test support, not part of the installed package.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, Any
 
 from tests.support.pagetables import CopyingSource
 from vmishell.sources.memory import BufferSource
+
+if TYPE_CHECKING:
+    from vmishell.arch.aarch64 import Arm64Translator
+    from vmishell.sources.base import PhysicalSource
 
 VIRT_RAM = 0x4000_0000
 #: Descriptor bits.
@@ -97,6 +102,20 @@ class Arm64TableBuilder:
         segments, like a source read over a socket, to exercise the table cache."""
         cls = BufferSource if zero_copy else CopyingSource
         return cls([(self.ram_base, self.ram)], description="arm64 test tables", live=live)
+
+    def translator(self, source: PhysicalSource | None = None, **options: Any) -> Arm64Translator:
+        """vmishell's walker over these tables (both TTBRs, the granule, TTBR0's width);
+        `options` (lpa2, va_bits1, pa_bits, ...) go to it as given."""
+        from vmishell.arch.aarch64 import Arm64Translator
+
+        return Arm64Translator(
+            source or self.source(),
+            ttbr0=self.ttbr(0),
+            ttbr1=self.ttbr(1),
+            granule=self.granule,
+            va_bits=self.va[0],
+            **options,
+        )
 
     def entry_address(self, vaddr: int, depth: int) -> int:
         """Where the descriptor of `vaddr` at walk depth `depth` (0 = top) lives."""

@@ -15,16 +15,7 @@ KERNEL = 0xFFFF_8000_0000_0000
 
 
 def translator(b: Arm64TableBuilder, **kw: object) -> Arm64Translator:
-    src = kw.pop("source", None) or b.source()
-    return Arm64Translator(
-        src,  # type: ignore[arg-type]
-        ttbr0=b.ttbr(0),
-        ttbr1=b.ttbr(1),
-        granule=b.granule,
-        va_bits=b.va[0],
-        va_bits1=b.va[1],
-        **kw,  # type: ignore[arg-type]
-    )
+    return b.translator(kw.pop("source", None), va_bits1=b.va[1], **kw)  # type: ignore[arg-type]
 
 
 def runs(

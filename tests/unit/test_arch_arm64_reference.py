@@ -253,12 +253,7 @@ def memory_of(b: Arm64TableBuilder) -> Ram:
 
 def build(space) -> tuple[Arm64Translator, Regime, dict[int, int], tuple[int, int]]:
     b, pa_bits, hd, tbi, hpd, _ = space
-    tr = Arm64Translator(
-        b.source(),
-        ttbr0=b.ttbr(0),
-        ttbr1=b.ttbr(1),
-        granule=b.granule,
-        va_bits=b.va[0],
+    tr = b.translator(
         lpa2=b.fmt == "lpa2",
         pa_bits=pa_bits,
         tbi0=tbi[0],

@@ -63,18 +63,8 @@ def kernel_va(va_bits: int) -> int:
 
 
 def translator(b: Arm64TableBuilder, **kw: object) -> Arm64Translator:
-    lpa2 = b.fmt == "lpa2"
     kw.setdefault("pa_bits", 52 if b.fmt != "48" else 48)
-    return Arm64Translator(
-        b.source(),
-        ttbr0=b.ttbr(0),
-        ttbr1=b.ttbr(1),
-        granule=b.granule,
-        va_bits=b.va[0],
-        va_bits1=b.va[1],
-        lpa2=lpa2,
-        **kw,  # type: ignore[arg-type]
-    )
+    return b.translator(va_bits1=b.va[1], lpa2=b.fmt == "lpa2", **kw)
 
 
 # -- every granule and width ----------------------------------------------------------------
